@@ -1,0 +1,3 @@
+from hdfunc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,409 @@
+"""Hypergradient descent on the learning rate, written once for any base direction.
+
+The general form (ALGORITHMS.md; Baydin et al. 2018, §2, Eqs. 2-4 and Algorithms 1-3):
+
+    h_t = ∇f(θ_{t-1}) · ∇_α u_{t-1} = -g_t · d_{t-1}        (hypergradient; d_0 = 0 so h_1 = 0)
+    α_t = α_{t-1} - β h_t                                   (additive rule)
+    u_t = -α_t d_t                                          (d_t: the base direction)
+
+with the paper's variants: per-tensor / per-element rates (§2), the multiplicative rule
+(Eqs. 7-8), the transition to a fixed rate α_∞ (§5.1) and higher-order adaptation of β (§5.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, NamedTuple, Optional
+
+import torch
+
+from hdfunc.base import Transform, check_hyperparameter
+from hdfunc.tree import (PyTree, accumulation_dtype, first_leaf, leaf_vdot, tree_flatten,
+                         tree_leaves, tree_map, tree_unflatten, tree_zeros_like)
+
+Granularity = Literal["global", "tensor", "element"]
+Mode = Literal["additive", "multiplicative"]
+GRANULARITIES = ("global", "tensor", "element")
+MODES = ("additive", "multiplicative")
+
+
+def inverse_square(t: torch.Tensor) -> torch.Tensor:
+    """δ(t) = 1/t², the transition schedule suggested in §5.1 (δ(1) = 1, t·δ(t) → 0)."""
+    return 1.0 / (t * t)
+
+
+ABSENT = ()  # an optional state field that is off: an empty subtree (vmap returns no None)
+
+
+class LRState(NamedTuple):
+    """State of a fixed learning rate: u_t = -α d_t."""
+
+    lr: torch.Tensor
+
+
+class HDState(NamedTuple):
+    """State of hypergradient descent after step t-1 (count = t-1).
+
+    Rates (``lr``, ``applied_lr``, ``hypergrad``, ``final_lr``, ``lr_sensitivity``) have the
+    "rate structure": one 0-d tensor (global), a pytree of 0-d tensors like the params
+    (per tensor) or a pytree of tensors shaped like the params (per element).
+    """
+
+    count: torch.Tensor  # t-1, int64
+    lr: PyTree  # α_{t-1}, the adapted learning rate
+    hypergrad_lr: torch.Tensor  # β_{t-1}
+    applied_lr: PyTree  # γ_{t-1}: the rate the last step applied (α_{t-1} unless transitioning)
+    hypergrad: PyTree  # h_{t-1}: the hypergradient the last step used
+    direction: PyTree  # d_{t-1} = -∇_α u_{t-1}; ABSENT when the base recomputes it from its state
+    base: PyTree  # the base direction's state
+    final_lr: PyTree  # α_∞ (transition variant) or ABSENT
+    lr_sensitivity: PyTree  # ∂α_{t-1}/∂β (higher-order variant) or ABSENT
+    hyper_hypergrad: PyTree  # ∂f(θ_{t-1})/∂β used by the last step, or ABSENT
+    skipped: torch.Tensor  # steps whose rate update was skipped for a non-finite hypergradient
+
+
+def as_rate(value: float | torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-d tensor on ``like``'s device; a tensor input keeps its autograd history."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=dtype)
+    return like.new_full((), float(value), dtype=dtype)
+
+
+def scale_by_lr(lr: float | torch.Tensor) -> Transform:
+    """u_t = -α d_t with a fixed α (the base optimizers). α lives in the state, so one update
+    function serves a whole grid of learning rates (stack the states)."""
+    check_hyperparameter("lr", lr)
+
+    def init(params: PyTree) -> LRState:
+        return LRState(as_rate(lr, first_leaf(params), accumulation_dtype(params)))
+
+    def update(d: PyTree, state: LRState, params: PyTree) -> tuple[PyTree, LRState]:
+        return tree_map(lambda di: scaled_step(state.lr, di), d), state
+
+    return Transform(init, update, "scale_by_lr")
+
+
+def scaled_step(rate: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """u = -rate ⊙ d in d's dtype (a 0-d rate in float32 keeps bfloat16 steps in bfloat16)."""
+    return (-(rate * direction)).to(direction.dtype)
+
+
+def hypergradient(
+    direction: Transform,
+    lr: float | torch.Tensor,
+    hypergrad_lr: float | torch.Tensor,
+    *,
+    lr_granularity: Granularity = "global",
+    mode: Mode = "additive",
+    final_lr: float | torch.Tensor | None = None,
+    transition: Callable[[torch.Tensor], torch.Tensor] = inverse_square,
+    hyper_hypergrad_lr: float | torch.Tensor | None = None,
+    lr_bounds: tuple[float | None, float | None] | None = None,
+    skip_nonfinite: bool = True,
+) -> Transform:
+    """Hypergradient descent on the learning rate of any base ``direction`` (ALGORITHMS.md,
+    "The general form"). One step t, in the paper's order:
+
+        h_t  = -g_t · d_{t-1}                                    (Eq. 4 / Alg. 1-3, "HD")
+        β_t  = β_{t-1} - κ ∂f(θ_{t-1})/∂β                        (§5.2; only if hyper_hypergrad_lr)
+        α_t  = α_{t-1} - β_t h_t                                 (mode="additive", Eq. 4)
+        α_t  = α_{t-1} (1 - β_t h_t / (‖g_t‖ ‖d_{t-1}‖))         (mode="multiplicative", Eqs. 7-8)
+        d_t  = base direction of g_t                             (base state update)
+        γ_t  = δ(t) α_t + (1 - δ(t)) α_∞                         (§5.1; only if final_lr, else γ_t = α_t)
+        u_t  = -γ_t d_t,  store d_t = -∇_γ u_t
+
+    ``g_t`` is the incoming gradient (after any coupled L2 term). ``lr_granularity`` picks one
+    global α, one α per tensor (per-tensor dot products) or one per element (g_t ⊙ d_{t-1}).
+    With the multiplicative rule α is left unchanged where a norm is zero (t = 1).
+
+    Higher order: ∂f(θ_{t-1})/∂β = Σ_j h_{t,j} ∂γ_{t-1,j}/∂α_{t-1,j} · ∂α_{t-1,j}/∂β with the
+    one-step freezing of the paper; ∂α_{t-1}/∂β = -h_{t-1} (additive) or
+    -α_{t-2} h_{t-1}/(‖g_{t-1}‖‖d_{t-2}‖) (multiplicative). For SGD-HD this is
+    -(g_t·g_{t-1})(g_{t-1}·g_{t-2}). The multiplicative mode adapts β by the same normalised rule.
+
+    Guards: ``lr_bounds=(low, high)`` clamps α after each update (default: none, as in the
+    paper, so α may turn negative); ``skip_nonfinite`` keeps α (and β) where the hypergradient
+    is not finite and counts such steps in ``state.skipped``.
+
+    α, β and α_∞ are read from the state, never from this closure, so one update function
+    serves a grid of (α_0, β) made by stacking states built with different values.
+    """
+    check_hyperparameter("lr", lr)
+    check_hyperparameter("hypergrad_lr", hypergrad_lr)
+    if lr_granularity not in GRANULARITIES:
+        raise ValueError(f"lr_granularity must be one of {GRANULARITIES}, got {lr_granularity!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if final_lr is not None:
+        check_hyperparameter("final_lr", final_lr)
+    if not callable(transition):
+        raise TypeError("transition must be a callable δ(t) on a float tensor t")
+    if hyper_hypergrad_lr is not None:
+        check_hyperparameter("hyper_hypergrad_lr", hyper_hypergrad_lr)
+    low, high = lr_bounds if lr_bounds is not None else (None, None)
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"lr_bounds must have low <= high, got {lr_bounds}")
+    per_leaf = lr_granularity != "global"
+    recompute = direction.previous_output
+
+    def rate_dtypes(params: PyTree) -> list[torch.dtype]:
+        if per_leaf:
+            return [torch.promote_types(p.dtype, torch.float32) for p in tree_leaves(params)]
+        return [accumulation_dtype(params)]
+
+    def make_rates(value: float | torch.Tensor, params: PyTree) -> PyTree:
+        leaves, spec = tree_flatten(params)
+        dtypes = rate_dtypes(params)
+        if lr_granularity == "global":
+            return as_rate(value, leaves[0], dtypes[0])
+        if lr_granularity == "tensor":
+            return tree_unflatten([as_rate(value, p, dt) for p, dt in zip(leaves, dtypes)], spec)
+        return tree_unflatten([as_rate(value, p, dt) * p.new_ones(p.shape, dtype=dt)
+                               for p, dt in zip(leaves, dtypes)], spec)
+
+    def init(params: PyTree) -> HDState:
+        leaf = first_leaf(params)
+        rates = make_rates(lr, params)
+        return HDState(
+            count=leaf.new_zeros((), dtype=torch.int64),
+            lr=rates,
+            hypergrad_lr=as_rate(hypergrad_lr, leaf, accumulation_dtype(params)),
+            applied_lr=rates,
+            hypergrad=tree_zeros_like(rates),
+            direction=ABSENT if recompute is not None else tree_zeros_like(params),
+            base=direction.init(params),
+            final_lr=ABSENT if final_lr is None else make_rates(final_lr, params),
+            lr_sensitivity=ABSENT if hyper_hypergrad_lr is None else tree_zeros_like(rates),
+            hyper_hypergrad=ABSENT if hyper_hypergrad_lr is None else leaf.new_zeros(
+                (), dtype=accumulation_dtype(params)),
+            skipped=leaf.new_zeros((), dtype=torch.int64),
+        )
+
+    def products(xs: list[torch.Tensor], ys: list[torch.Tensor], dtypes: list[torch.dtype]) -> list:
+        """Σ x⊙y at the rates' granularity: one total, one per tensor, or elementwise."""
+        if lr_granularity == "global":
+            return [sum(leaf_vdot(x, y, dtypes[0]) for x, y in zip(xs, ys))]
+        if lr_granularity == "tensor":
+            return [leaf_vdot(x, y, dt) for x, y, dt in zip(xs, ys, dtypes)]
+        return [x.to(dt) * y.to(dt) for x, y, dt in zip(xs, ys, dtypes)]
+
+    config = HDConfig(lr_granularity, mode, transition, final_lr is not None, hyper_hypergrad_lr,
+                      low, high, skip_nonfinite)
+
+    def update(g: PyTree, state: HDState, params: PyTree) -> tuple[PyTree, HDState]:
+        g_leaves, spec = tree_flatten(g)
+        dtypes = rate_dtypes(params)
+        d_prev = state.direction if recompute is None else recompute(state.base)
+        d_prev_leaves = tree_leaves(d_prev)
+
+        # h_t = -g_t · d_{t-1}, at the rates' granularity
+        hypergrad = [-x for x in products(g_leaves, d_prev_leaves, dtypes)]
+        if mode == "multiplicative":
+            grad_sq = products(g_leaves, g_leaves, dtypes)
+            direction_sq = products(d_prev_leaves, d_prev_leaves, dtypes)
+        else:
+            grad_sq = direction_sq = None
+        rates_step = adapt_rates(config, state, hypergrad, grad_sq, direction_sq)
+
+        # Base direction and the step with the rate actually applied.
+        d, base_state = direction.update(g, state.base, params)
+        d_leaves = tree_leaves(d)
+        applied = rates_step.applied_lr
+        if per_leaf:
+            steps = [scaled_step(r, x) for r, x in zip(applied, d_leaves)]
+        else:
+            steps = [scaled_step(applied[0], x) for x in d_leaves]
+
+        def rates(leaves: list) -> PyTree:
+            return tree_unflatten(leaves, spec) if per_leaf else leaves[0]
+
+        new_lr_tree = rates(rates_step.lr)
+        new_state = HDState(
+            count=state.count + 1,
+            lr=new_lr_tree,
+            hypergrad_lr=rates_step.hypergrad_lr,
+            applied_lr=new_lr_tree if final_lr is None else rates(applied),
+            hypergrad=rates(hypergrad),
+            direction=ABSENT if recompute is not None else d,
+            base=base_state,
+            final_lr=state.final_lr,
+            lr_sensitivity=(ABSENT if rates_step.lr_sensitivity is None
+                            else rates(rates_step.lr_sensitivity)),
+            hyper_hypergrad=rates_step.hyper_hypergrad,
+            skipped=rates_step.skipped,
+        )
+        return tree_unflatten(steps, spec), new_state
+
+    return Transform(init, update, "hypergradient")
+
+
+# ----------------------------------------------------------------------------- the rate update
+
+
+@dataclass(frozen=True)
+class HDConfig:
+    """The static choices of a hypergradient transform (see :func:`hypergradient`)."""
+
+    lr_granularity: Granularity = "global"
+    mode: Mode = "additive"
+    transition: Callable[[torch.Tensor], torch.Tensor] = inverse_square
+    has_final_lr: bool = False
+    hyper_hypergrad_lr: float | torch.Tensor | None = None
+    lr_low: float | None = None
+    lr_high: float | None = None
+    skip_nonfinite: bool = True
+
+
+class RateStep(NamedTuple):
+    """The outcome of one rate update; rates are lists of rate leaves."""
+
+    lr: list  # α_t
+    hypergrad_lr: torch.Tensor  # β_t
+    applied_lr: list  # γ_t
+    lr_sensitivity: Optional[list]  # ∂α_t/∂β_t, or None without higher order
+    hyper_hypergrad: PyTree  # ∂f(θ_{t-1})/∂β, or ABSENT
+    skipped: torch.Tensor
+
+
+def _multiplicative_factor(step: list, numer: list, gg: list, dd: list) -> list:
+    """1 - step · numer / (‖g‖‖d‖), and exactly 1 where a norm is zero (Eq. 8)."""
+    out = []
+    for s, n, a, b in zip(step, numer, gg, dd):
+        denom = (a * b).sqrt()
+        positive = denom > 0
+        out.append(torch.where(positive, 1 - s * n / torch.where(positive, denom, 1), 1))
+    return out
+
+
+def adapt_rates(config: HDConfig, state: HDState, hypergrad: list,
+                grad_sq: Optional[list] = None, direction_sq: Optional[list] = None) -> RateStep:
+    """The learning-rate half of one HD step, given h_t (and, for the multiplicative rule,
+    ‖g_t‖² and ‖d_{t-1}‖²) as lists of rate leaves: β_t, α_t, γ_t. The single implementation of
+    the HD rate update, shared by the functional rules and :mod:`hdfunc.optim`.
+
+    ``state`` supplies count (t-1), lr, hypergrad_lr, final_lr, lr_sensitivity and skipped."""
+    lr_leaves = tree_leaves(state.lr)
+    beta = state.hypergrad_lr
+    finite = [torch.isfinite(x) for x in hypergrad]
+    kappa = config.hyper_hypergrad_lr
+
+    # Higher order: β_t from ∂f(θ_{t-1})/∂β (before α_t, which uses β_t).
+    hyper_hypergrad = state.hyper_hypergrad
+    if kappa is not None:
+        previous_t = torch.clamp(state.count, min=1).to(beta.dtype)
+        dgamma_dalpha = config.transition(previous_t) if config.has_final_lr else 1.0
+        dlr_dbeta = tree_leaves(state.lr_sensitivity)
+        dloss_dlr = [h * dgamma_dalpha for h in hypergrad]
+        hyper_hypergrad = sum((a.to(beta.dtype) * b.to(beta.dtype)).sum()
+                              for a, b in zip(dloss_dlr, dlr_dbeta))
+        if config.mode == "additive":
+            new_beta = beta - kappa * hyper_hypergrad
+        else:
+            norm_a = sum((a.to(beta.dtype) ** 2).sum() for a in dloss_dlr)
+            norm_b = sum((b.to(beta.dtype) ** 2).sum() for b in dlr_dbeta)
+            new_beta = beta * _multiplicative_factor([kappa], [hyper_hypergrad], [norm_a],
+                                                     [norm_b])[0]
+        if config.skip_nonfinite:
+            new_beta = torch.where(torch.isfinite(hyper_hypergrad), new_beta, beta)
+        beta = new_beta
+
+    # α_t from α_{t-1} and h_t.
+    sensitivity = None
+    if config.mode == "additive":
+        new_lr = [a - beta.to(a.dtype) * h for a, h in zip(lr_leaves, hypergrad)]
+        if kappa is not None:
+            sensitivity = [-h for h in hypergrad]
+    else:
+        factor = _multiplicative_factor([beta.to(a.dtype) for a in lr_leaves], hypergrad, grad_sq,
+                                        direction_sq)
+        new_lr = [a * f for a, f in zip(lr_leaves, factor)]
+        if kappa is not None:
+            unit = _multiplicative_factor([1.0] * len(lr_leaves), hypergrad, grad_sq, direction_sq)
+            sensitivity = [a * (u - 1) for a, u in zip(lr_leaves, unit)]
+    if config.lr_low is not None or config.lr_high is not None:
+        new_lr = [torch.clamp(a, min=config.lr_low, max=config.lr_high) for a in new_lr]
+    if config.skip_nonfinite:
+        new_lr = [torch.where(ok, a_new, a) for ok, a_new, a in zip(finite, new_lr, lr_leaves)]
+        if sensitivity is not None:
+            sensitivity = [torch.where(ok, s, 0) for ok, s in zip(finite, sensitivity)]
+    skipped = state.skipped + sum((~ok).any().to(torch.int64) for ok in finite)
+
+    # γ_t, the rate the step applies (§5.1).
+    if config.has_final_lr:
+        delta = config.transition((state.count + 1).to(lr_leaves[0].dtype))
+        applied = [delta * a + (1 - delta) * a_inf
+                   for a, a_inf in zip(new_lr, tree_leaves(state.final_lr))]
+    else:
+        applied = new_lr
+    return RateStep(new_lr, beta, applied, sensitivity, hyper_hypergrad, skipped)
+
+
+# ----------------------------------------------------------------------------- state access
+
+
+def find_lr_state(state: Any) -> HDState | LRState | Any:
+    """The learning-rate node inside a rule's (possibly chained) state."""
+    if isinstance(state, (HDState, LRState)):
+        return state
+    if isinstance(state, tuple) and hasattr(state, "_fields") and {"lr", "hypergrad_lr"} <= set(
+            state._fields):
+        return state  # a user rule following the documented protocol
+    if isinstance(state, (tuple, list)):
+        for item in state:
+            found = find_lr_state(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _replace_node(state: Any, old: Any, new: Any) -> Any:
+    if state is old:
+        return new
+    if isinstance(state, (tuple, list)):
+        items = [_replace_node(item, old, new) for item in state]
+        return type(state)(*items) if hasattr(state, "_fields") else type(state)(items)
+    return state
+
+
+def get_lr(state: Any) -> PyTree:
+    """The current learning rate α_t of a rule's state: a 0-d tensor (global rate) or a pytree
+    like the params (per-tensor / per-element rates). With HD this is the rate the next step
+    starts from (it applies α_{t+1} = α_t - β h_{t+1}); with a transition to α_∞ the rate a step
+    actually applied is ``state.applied_lr`` of the HD node (see :func:`find_lr_state`)."""
+    node = find_lr_state(state)
+    if node is None:
+        raise TypeError(f"no learning rate found in a state of type {type(state).__name__}")
+    return node.lr
+
+
+def freeze_lr(state: Any, lr: PyTree) -> Any:
+    """A copy of ``state`` whose next step applies exactly ``lr`` and does not adapt it.
+
+    It sets α (and α_∞) to ``lr`` and β (and ∂α/∂β) to zero. The verification suite uses it to
+    write step t-1 as a function u_{t-1}(α) of the applied rate, with everything else frozen.
+    """
+    node = find_lr_state(state)
+    if node is None:
+        raise TypeError(f"no learning rate found in a state of type {type(state).__name__}")
+    changes: dict[str, Any] = {"lr": lr}
+    fields = node._fields
+    if "hypergrad_lr" in fields:
+        changes["hypergrad_lr"] = torch.zeros_like(node.hypergrad_lr)
+    if "final_lr" in fields and tree_leaves(node.final_lr):
+        changes["final_lr"] = lr
+    if "lr_sensitivity" in fields and tree_leaves(node.lr_sensitivity):
+        changes["lr_sensitivity"] = tree_zeros_like(node.lr_sensitivity)
+    return _replace_node(state, node, node._replace(**changes))
+
+
+def freeze_hypergrad_lr(state: Any, hypergrad_lr: torch.Tensor) -> Any:
+    """A copy of ``state`` whose next step adapts α with exactly β = ``hypergrad_lr`` (it zeroes
+    ∂α/∂β, so the higher-order update leaves β unchanged for that step). The verification suite
+    differentiates a step with respect to β through it."""
+    node = find_lr_state(state)
+    if node is None or "hypergrad_lr" not in node._fields:
+        raise TypeError(f"no hypergradient state found in a state of type {type(state).__name__}")
+    changes: dict[str, Any] = {"hypergrad_lr": hypergrad_lr}
+    if "lr_sensitivity" in node._fields and tree_leaves(node.lr_sensitivity):
+        changes["lr_sensitivity"] = tree_zeros_like(node.lr_sensitivity)
+    return _replace_node(state, node, node._replace(**changes))

@@ -1,0 +1,153 @@
+"""The six rules of the paper (SGD, SGDN, Adam and their HD variants) as thin compositions.
+
+    base rule = [coupled L2] → base direction [→ decoupled decay] → u = -α d
+    HD rule   = [coupled L2] → hypergradient(base direction [→ decoupled decay])
+
+so an HD rule with ``hypergrad_lr=0`` computes exactly its base rule's updates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hdfunc.base import Rule, Transform, chain, validated
+from hdfunc.directions import (add_decayed_weights, add_l2, identity, nesterov, scale_by_adam)
+from hdfunc.hypergradient import hypergradient, scale_by_lr
+
+Number = float | torch.Tensor
+
+
+def _has_decay(weight_decay: Number) -> bool:
+    return isinstance(weight_decay, torch.Tensor) or float(weight_decay) != 0.0
+
+
+def base_rule(direction: Transform, lr: Number, *, weight_decay: Number = 0.0,
+              decoupled_weight_decay: bool = False, name: str | None = None,
+              hyperparams: dict | None = None) -> Rule:
+    """A fixed-rate rule u_t = -α d_t over any base ``direction`` (e.g. ``scale_by_rms()``)."""
+    coupled, direction = _with_decay(direction, weight_decay, decoupled_weight_decay)
+    name = name or f"{direction.name}"
+    return validated(chain(*coupled, direction, scale_by_lr(lr), name=name), name=name,
+                     hyperparams=hyperparams or {"lr": lr, "weight_decay": weight_decay})
+
+
+def hd_rule(direction: Transform, lr: Number, hypergrad_lr: Number, *,
+            weight_decay: Number = 0.0, decoupled_weight_decay: bool = False,
+            name: str | None = None, hyperparams: dict | None = None, **hd_options: Any) -> Rule:
+    """Hypergradient descent on the learning rate of any base ``direction``: a one-liner for
+    RMSprop-HD, Adagrad-HD, Lion-HD, ... ``hd_options`` are those of
+    :func:`hdfunc.hypergradient.hypergradient` (``lr_granularity``, ``mode``, ``final_lr``,
+    ``transition``, ``hyper_hypergrad_lr``, ``lr_bounds``, ``skip_nonfinite``)."""
+    coupled, direction = _with_decay(direction, weight_decay, decoupled_weight_decay)
+    name = name or f"{direction.name}_hd"
+    core = hypergradient(direction, lr, hypergrad_lr, **hd_options)
+    params = hyperparams or {"lr": lr, "hypergrad_lr": hypergrad_lr, "weight_decay": weight_decay}
+    return validated(chain(*coupled, core, name=name), name=name,
+                     hyperparams={**params, **hd_options})
+
+
+def _with_decay(direction: Transform, weight_decay: Number,
+                decoupled: bool) -> tuple[list[Transform], Transform]:
+    if not _has_decay(weight_decay):
+        add_l2(weight_decay)  # validates the value
+        return [], direction
+    if decoupled:
+        return [], chain(direction, add_decayed_weights(weight_decay), name=direction.name)
+    return [add_l2(weight_decay)], direction
+
+
+def _betas(betas: tuple[float, float]) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    return betas[0], betas[1]
+
+
+# ----------------------------------------------------------------------------- SGD
+
+
+def sgd(lr: Number, weight_decay: Number = 0.0, *, decoupled_weight_decay: bool = False) -> Rule:
+    """SGD: u_t = -α g_t (Algorithm 1 without HD; torch.optim.SGD)."""
+    return base_rule(identity(), lr, weight_decay=weight_decay,
+                     decoupled_weight_decay=decoupled_weight_decay, name="sgd",
+                     hyperparams={"lr": lr, "weight_decay": weight_decay})
+
+
+def sgd_hd(lr: Number, hypergrad_lr: Number, weight_decay: Number = 0.0, *,
+           decoupled_weight_decay: bool = False, **hd_options: Any) -> Rule:
+    """SGD-HD (Algorithm 1, Eq. 4): h_t = -g_t·g_{t-1}; α_t = α_{t-1} - β h_t; u_t = -α_t g_t."""
+    return hd_rule(identity(), lr, hypergrad_lr, weight_decay=weight_decay,
+                   decoupled_weight_decay=decoupled_weight_decay, name="sgd_hd", **hd_options)
+
+
+# ----------------------------------------------------------------------------- SGD + Nesterov
+
+
+def sgdn(lr: Number, momentum: Number = 0.9, weight_decay: Number = 0.0, *,
+         decoupled_weight_decay: bool = False) -> Rule:
+    """SGD with Nesterov momentum: v_t = μ v_{t-1} + g_t; u_t = -α (g_t + μ v_t)
+    (Algorithm 2 without HD; torch.optim.SGD(momentum=μ, nesterov=True))."""
+    return base_rule(nesterov(momentum), lr, weight_decay=weight_decay,
+                     decoupled_weight_decay=decoupled_weight_decay, name="sgdn",
+                     hyperparams={"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+
+def sgdn_hd(lr: Number, hypergrad_lr: Number, momentum: Number = 0.9,
+            weight_decay: Number = 0.0, *, decoupled_weight_decay: bool = False,
+            **hd_options: Any) -> Rule:
+    """SGDN-HD (Algorithm 2): h_t = g_t·∇_α u_{t-1} with ∇_α u_{t-1} = -(g_{t-1} + μ v_{t-1});
+    α_t = α_{t-1} - β h_t; v_t = μ v_{t-1} + g_t; u_t = -α_t (g_t + μ v_t)."""
+    return hd_rule(nesterov(momentum), lr, hypergrad_lr, weight_decay=weight_decay,
+                   decoupled_weight_decay=decoupled_weight_decay, name="sgdn_hd",
+                   hyperparams={"lr": lr, "hypergrad_lr": hypergrad_lr, "momentum": momentum,
+                                "weight_decay": weight_decay}, **hd_options)
+
+
+# ----------------------------------------------------------------------------- Adam
+
+
+def adam(lr: Number, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+         weight_decay: Number = 0.0, *, decoupled_weight_decay: bool = False) -> Rule:
+    """Adam: u_t = -α m̂_t / (√v̂_t + ε) (Algorithm 3 without HD; torch.optim.Adam, and
+    torch.optim.AdamW with ``decoupled_weight_decay=True``)."""
+    b1, b2 = _betas(betas)
+    return base_rule(scale_by_adam(b1, b2, eps), lr, weight_decay=weight_decay,
+                     decoupled_weight_decay=decoupled_weight_decay,
+                     name="adamw" if decoupled_weight_decay else "adam",
+                     hyperparams={"lr": lr, "betas": (b1, b2), "eps": eps,
+                                  "weight_decay": weight_decay})
+
+
+def adam_hd(lr: Number, hypergrad_lr: Number, betas: tuple[float, float] = (0.9, 0.999),
+            eps: float = 1e-8, weight_decay: Number = 0.0, *,
+            decoupled_weight_decay: bool = False, **hd_options: Any) -> Rule:
+    """Adam-HD (Algorithm 3): h_t = g_t·∇_α u_{t-1} with ∇_α u_{t-1} = -m̂_{t-1}/(√v̂_{t-1} + ε)
+    (bias corrections of step t-1, recomputed from m_{t-1}, v_{t-1}: no extra buffer);
+    α_t = α_{t-1} - β h_t; u_t = -α_t m̂_t / (√v̂_t + ε).
+
+    With ``decoupled_weight_decay`` the decay λθ_{t-1} is part of d_t and is stored."""
+    b1, b2 = _betas(betas)
+    return hd_rule(scale_by_adam(b1, b2, eps), lr, hypergrad_lr, weight_decay=weight_decay,
+                   decoupled_weight_decay=decoupled_weight_decay,
+                   name="adamw_hd" if decoupled_weight_decay else "adam_hd",
+                   hyperparams={"lr": lr, "hypergrad_lr": hypergrad_lr, "betas": (b1, b2),
+                                "eps": eps, "weight_decay": weight_decay}, **hd_options)
+
+
+def adamw(lr: Number, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+          weight_decay: Number = 1e-2) -> Rule:
+    """AdamW (torch.optim.AdamW): Adam with decoupled weight decay."""
+    return adam(lr, betas, eps, weight_decay, decoupled_weight_decay=True)
+
+
+def adamw_hd(lr: Number, hypergrad_lr: Number, betas: tuple[float, float] = (0.9, 0.999),
+             eps: float = 1e-8, weight_decay: Number = 1e-2, **hd_options: Any) -> Rule:
+    """AdamW-HD: Adam-HD with decoupled weight decay, which is part of ∇_α u_t."""
+    return adam_hd(lr, hypergrad_lr, betas, eps, weight_decay, decoupled_weight_decay=True,
+                   **hd_options)
+
+
+RULES = {"sgd": sgd, "sgd_hd": sgd_hd, "sgdn": sgdn, "sgdn_hd": sgdn_hd, "adam": adam,
+         "adam_hd": adam_hd, "adamw": adamw, "adamw_hd": adamw_hd}
+HD_OF = {"sgd": "sgd_hd", "sgdn": "sgdn_hd", "adam": "adam_hd", "adamw": "adamw_hd"}
