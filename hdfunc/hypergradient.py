@@ -104,9 +104,9 @@ def hypergradient(
     """Hypergradient descent on the learning rate of any base ``direction`` (ALGORITHMS.md,
     "The general form"). One step t, in the paper's order:
 
-        h_t  = -g_t · d_{t-1}                                    (Eq. 4 / Alg. 1-3, "HD")
+        h_t  = -g_t · d_{t-1}                                    (§2: Eq. 2 for SGD; Alg. 1-3)
         β_t  = β_{t-1} - κ ∂f(θ_{t-1})/∂β                        (§5.2; only if hyper_hypergrad_lr)
-        α_t  = α_{t-1} - β_t h_t                                 (mode="additive", Eq. 4)
+        α_t  = α_{t-1} - β_t h_t                                 (mode="additive", Eq. 3)
         α_t  = α_{t-1} (1 - β_t h_t / (‖g_t‖ ‖d_{t-1}‖))         (mode="multiplicative", Eqs. 7-8)
         d_t  = base direction of g_t                             (base state update)
         γ_t  = δ(t) α_t + (1 - δ(t)) α_∞                         (§5.1; only if final_lr, else γ_t = α_t)

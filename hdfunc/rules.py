@@ -76,7 +76,7 @@ def sgd(lr: Number, weight_decay: Number = 0.0, *, decoupled_weight_decay: bool 
 
 def sgd_hd(lr: Number, hypergrad_lr: Number, weight_decay: Number = 0.0, *,
            decoupled_weight_decay: bool = False, **hd_options: Any) -> Rule:
-    """SGD-HD (Algorithm 1, Eq. 4): h_t = -g_t·g_{t-1}; α_t = α_{t-1} - β h_t; u_t = -α_t g_t."""
+    """SGD-HD (Algorithm 1; Eqs. 2-4): h_t = -g_t·g_{t-1}; α_t = α_{t-1} - β h_t; u_t = -α_t g_t."""
     return hd_rule(identity(), lr, hypergrad_lr, weight_decay=weight_decay,
                    decoupled_weight_decay=decoupled_weight_decay, name="sgd_hd", **hd_options)
 
