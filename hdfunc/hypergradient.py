@@ -269,9 +269,11 @@ def _multiplicative_factor(step: list, numer: list, gg: list, dd: list) -> list:
     """1 - step · numer / (‖g‖‖d‖), and exactly 1 where a norm is zero (Eq. 8)."""
     out = []
     for s, n, a, b in zip(step, numer, gg, dd):
-        denom = (a * b).sqrt()
-        positive = denom > 0
-        out.append(torch.where(positive, 1 - s * n / torch.where(positive, denom, 1), 1))
+        norms_sq = a * b
+        positive = norms_sq > 0
+        # sqrt of a guarded value: a zero norm must not put sqrt'(0) = inf into autodiff
+        denom = torch.where(positive, norms_sq, 1).sqrt()
+        out.append(torch.where(positive, 1 - s * n / denom, 1))
     return out
 
 

@@ -1,0 +1,231 @@
+"""The rules the suite verifies: every built-in HD rule and variant, a composed base, and user
+rules loaded from ``package.module:factory``.
+
+A :class:`RuleSpec` builds a rule from a calibration (α_0, β and the size of the first step),
+so that every rule starts on every problem with a sensible step: its first step is as long as a
+gradient-descent step of 0.5/L (see :func:`calibrate`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch.func import grad
+
+import hdfunc
+from hdfunc.tree import tree_leaves
+
+from verification.problems import Problem
+
+GRANULARITIES = ("global", "tensor", "element")
+MODES = ("additive", "multiplicative")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per (rule, problem): α_0, β, and ``step_scale`` = ‖g_1‖·‖d_1‖ at the start (the size of
+    the first nonzero hypergradient), from which κ is set for the higher-order variants."""
+
+    lr: float
+    hypergrad_lr: float
+    step_scale: float
+
+
+@dataclass(frozen=True, eq=False)
+class RuleSpec:
+    """A rule to verify. ``make(lr, hypergrad_lr, calibration)`` returns an object with
+    ``init``/``update`` whose state holds an HD node (:func:`hdfunc.find_lr_state`).
+
+    ``base`` (fixed-rate twin, for β = 0 equivalence) and ``torch_optimizer`` (for the
+    torch.optim equivalence) are given for the built-in rules only.
+    """
+
+    name: str
+    make: Callable[[float, float, Optional[Calibration]], Any]
+    family: str = "user"
+    mode: str = "additive"
+    granularity: str = "global"
+    higher_order: bool = False
+    transition: bool = False
+    base: Optional[Callable[[float], Any]] = None
+    torch_optimizer: Optional[Callable[[list, float], torch.optim.Optimizer]] = None
+    notes: str = ""
+    l2: float = 0.0  # coupled weight decay the rule adds to g: it minimises f + ½λ‖θ‖²
+
+    def objective(self, loss: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
+        """The function the rule's hypergradient differentiates: the loss plus the rule's
+        coupled L2 penalty (ALGORITHMS.md: g_t includes the L2 term)."""
+        if self.l2 == 0:
+            return loss
+        l2 = self.l2
+        return lambda params: loss(params) + 0.5 * l2 * sum((p * p).sum() for p in tree_leaves(params))
+
+    def build(self, calibration: Calibration) -> Any:
+        return self.make(calibration.lr, calibration.hypergrad_lr, calibration)
+
+
+def _norm(tree: Any) -> float:
+    return math.sqrt(sum(float((x.double() ** 2).sum()) for x in tree_leaves(tree)))
+
+
+def calibrate(spec: RuleSpec, problem: Problem, params: Any = None) -> Calibration:
+    """α_0 so that the rule's first step has the length of a gradient-descent step 0.5/L; β so
+    that α moves by ~10 % per step at the start (additive: β = 0.1 α_0/(‖g‖‖d‖); the
+    multiplicative rule's β is dimensionless: 0.05)."""
+    params = problem.params if params is None else params
+    g = grad(problem.loss)(params)
+    trial = spec.make(1.0, 0.0, Calibration(1.0, 0.0, 1.0))
+    updates, _ = trial.update(g, trial.init(params), params)
+    direction_norm = _norm(updates)  # ‖d_1‖, since u_1 = -1·d_1
+    grad_norm = _norm(g)
+    if not (math.isfinite(direction_norm) and direction_norm > 0 and grad_norm > 0):
+        raise ValueError(f"rule {spec.name} makes a zero or non-finite first step on {problem.name}")
+    gd_lr = 0.5 / problem.smoothness
+    lr = gd_lr * grad_norm / direction_norm
+    scale = grad_norm * direction_norm
+    beta = 0.05 if spec.mode == "multiplicative" else 0.1 * lr / scale
+    return Calibration(lr, beta, scale)
+
+
+# ----------------------------------------------------------------------------- built-in rules
+
+COUPLED_L2 = {"sgd_hd+l2": 1e-2}  # bases whose g_t includes an L2 term λθ
+
+# base name -> (HD rule maker (lr, β, **hd_options), fixed-rate twin (lr), torch.optim maker)
+BASES: dict[str, tuple[Callable[..., Any], Callable[[float], Any], Callable[[list, float], Any]]] = {
+    "sgd_hd": (lambda lr, b, **o: hdfunc.sgd_hd(lr, b, **o),
+               lambda lr: hdfunc.sgd(lr),
+               lambda ps, lr: torch.optim.SGD(ps, lr=lr)),
+    "sgd_hd+l2": (lambda lr, b, **o: hdfunc.sgd_hd(lr, b, weight_decay=1e-2, **o),
+                  lambda lr: hdfunc.sgd(lr, weight_decay=1e-2),
+                  lambda ps, lr: torch.optim.SGD(ps, lr=lr, weight_decay=1e-2)),
+    "sgdn_hd": (lambda lr, b, **o: hdfunc.sgdn_hd(lr, b, momentum=0.9, **o),
+                lambda lr: hdfunc.sgdn(lr, momentum=0.9),
+                lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, nesterov=True)),
+    "adam_hd": (lambda lr, b, **o: hdfunc.adam_hd(lr, b, **o),
+                lambda lr: hdfunc.adam(lr),
+                lambda ps, lr: torch.optim.Adam(ps, lr=lr)),
+    "adamw_hd": (lambda lr, b, **o: hdfunc.adamw_hd(lr, b, weight_decay=1e-2, **o),
+                 lambda lr: hdfunc.adamw(lr, weight_decay=1e-2),
+                 lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=1e-2)),
+    "rmsprop_hd": (lambda lr, b, **o: hdfunc.hd_rule(hdfunc.scale_by_rms(0.99), lr, b,
+                                                     name="rmsprop_hd", **o),
+                   lambda lr: hdfunc.base_rule(hdfunc.scale_by_rms(0.99), lr, name="rmsprop"),
+                   lambda ps, lr: torch.optim.RMSprop(ps, lr=lr, alpha=0.99, eps=1e-8)),
+    "adagrad_hd": (lambda lr, b, **o: hdfunc.hd_rule(hdfunc.scale_by_adagrad(1e-10), lr, b,
+                                                     name="adagrad_hd", **o),
+                   lambda lr: hdfunc.base_rule(hdfunc.scale_by_adagrad(1e-10), lr, name="adagrad"),
+                   lambda ps, lr: torch.optim.Adagrad(ps, lr=lr, eps=1e-10)),
+}
+
+
+def _kappa(mode: str, calibration: Optional[Calibration]) -> float:
+    """κ for the higher-order variant: β moves by ~10 % per step at the start (additive:
+    κ (‖g‖‖d‖)² ≈ 0.1 β) or by the dimensionless 0.02 (multiplicative)."""
+    if mode == "multiplicative":
+        return 0.02
+    if calibration is None or calibration.hypergrad_lr == 0:
+        return 0.0
+    return 0.1 * calibration.hypergrad_lr / calibration.step_scale ** 2
+
+
+def builtin_spec(base: str, *, granularity: str = "global", mode: str = "additive",
+                 transition: bool = False, higher_order: bool = False) -> RuleSpec:
+    """The spec of a built-in HD rule ``base`` (a key of :data:`BASES`) in one variant."""
+    if base not in BASES:
+        raise ValueError(f"unknown built-in rule {base!r}; choose from {', '.join(BASES)}")
+    maker, twin, optimizer = BASES[base]
+
+    def make(lr: float, beta: float, calibration: Optional[Calibration]) -> Any:
+        options: dict[str, Any] = {"lr_granularity": granularity, "mode": mode}
+        if transition:
+            options["final_lr"] = 0.5 * lr
+        if higher_order:
+            options["hyper_hypergrad_lr"] = _kappa(mode, calibration)
+        return maker(lr, beta, **options)
+
+    tags = [granularity, mode] + (["transition"] if transition else []) + (
+        ["higher-order"] if higher_order else [])
+    return RuleSpec(f"{base}[{','.join(tags)}]", make, family=base, mode=mode,
+                    granularity=granularity, higher_order=higher_order, transition=transition,
+                    base=twin, torch_optimizer=optimizer, l2=COUPLED_L2.get(base, 0.0))
+
+
+def all_builtin_specs() -> list[RuleSpec]:
+    """Every built-in base in every variant: granularity × mode, the transition to α_∞, and
+    the higher-order rule (additive and multiplicative)."""
+    specs = []
+    for base in BASES:
+        for granularity in GRANULARITIES:
+            for mode in MODES:
+                specs.append(builtin_spec(base, granularity=granularity, mode=mode))
+        specs.append(builtin_spec(base, transition=True))
+        specs.append(builtin_spec(base, granularity="tensor", mode="multiplicative", transition=True))
+        specs.append(builtin_spec(base, higher_order=True))
+        specs.append(builtin_spec(base, granularity="element", mode="multiplicative",
+                                  higher_order=True))
+    return specs
+
+
+def quick_specs() -> list[RuleSpec]:
+    """A representative subset: every base direction family, every granularity, both modes,
+    the transition and the higher-order variants, and the composed RMSprop base."""
+    return [
+        builtin_spec("sgd_hd"),
+        builtin_spec("sgdn_hd", granularity="tensor", mode="multiplicative"),
+        builtin_spec("adam_hd", granularity="element"),
+        builtin_spec("adamw_hd", mode="multiplicative"),
+        builtin_spec("rmsprop_hd", granularity="tensor"),
+        builtin_spec("sgd_hd", transition=True),
+        builtin_spec("sgd_hd", higher_order=True),
+        builtin_spec("adam_hd", granularity="element", mode="multiplicative", higher_order=True),
+    ]
+
+
+# ----------------------------------------------------------------------------- user rules
+
+
+def user_spec(factory: Callable[[float, float], Any], name: Optional[str] = None) -> RuleSpec:
+    """Wrap a user factory ``factory(lr, hypergrad_lr) -> rule`` (the documented protocol: the
+    rule's state holds an HD node, an :class:`hdfunc.HDState` or any NamedTuple with fields
+    ``lr``, ``hypergrad_lr`` and ``hypergrad``)."""
+    if not callable(factory):
+        raise TypeError(f"a rule factory must be callable, got {type(factory).__name__}")
+    name = name or getattr(factory, "__name__", "user_rule")
+    hyper = False
+    try:  # a rule whose HD node carries a nonempty hyper_hypergrad is higher order
+        probe = factory(1e-3, 1e-3)
+        node = hdfunc.find_lr_state(probe.init({"x": torch.zeros(2, dtype=torch.float64)}))
+        hyper = node is not None and bool(tree_leaves(getattr(node, "hyper_hypergrad", ())))
+    except Exception:  # noqa: BLE001 - the checks themselves report a broken factory
+        pass
+    return RuleSpec(name, lambda lr, beta, calibration: factory(lr, beta), family="user",
+                    higher_order=hyper)
+
+
+def load_factory(target: str) -> Callable[[float, float], Any]:
+    """Import ``package.module:factory`` (the current directory is importable, as with
+    ``python -m``)."""
+    if ":" not in target:
+        raise ValueError(f"--rule must look like package.module:factory, got {target!r}")
+    module_name, attribute = target.split(":", 1)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"cannot import module {module_name!r} for --rule {target}: {error}") from error
+    factory = module
+    for part in attribute.split("."):
+        if not hasattr(factory, part):
+            raise ValueError(f"module {module_name!r} has no attribute {attribute!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise TypeError(f"{target} is not callable")
+    return factory

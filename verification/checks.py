@@ -1,0 +1,641 @@
+"""The checks: analytic quantities of a rule against exact ones computed by ``torch.func``.
+
+Notation (ALGORITHMS.md): ``hist[k] = (θ_k, state_k)`` after k steps; step t reads
+g_t = ∇f(θ_{t-1}) and state_{t-1}, and its HD node stores h_t (``hypergrad``), α_t (``lr``), the
+applied rate γ_t (``applied_lr``) and, for the higher-order variant, ∂f(θ_{t-1})/∂β
+(``hyper_hypergrad``).
+
+Every check returns a list of :class:`~verification.report.Outcome`. Rates may be one 0-d
+tensor (global) or a pytree like the params (per tensor / per element); derivatives with
+respect to a pytree rate are compared leaf-wise (reverse mode) or along random tangents
+(forward mode and finite differences).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from scipy.differentiate import derivative
+from torch.func import grad, hessian, jvp, vmap
+
+import hdfunc
+from hdfunc.tree import PyTree, tree_flatten, tree_leaves, tree_map, tree_unflatten
+
+from verification.catalog import Calibration, RuleSpec, calibrate
+from verification.problems import Problem, flatten_params, perturbed_params
+from verification.report import Finding, Outcome, judged
+
+ONE_STEP = "one-step identity"
+SECOND_ORDER = "second order"
+UNROLLED = "K-step unrolled"
+HYPER_BETA = "d loss_K / d beta"
+HYPER_ALPHA0 = "d loss_K / d alpha_0"
+HYPER_ANALYTIC = "hyper-hypergradient"
+BETA_ZERO = "beta=0 == base rule"
+TORCH_OPTIM = "base rule == torch.optim"
+VMAP = "vmap over seeds == loop"
+FRONT_END = "functional == hdfunc.optim"
+
+REVERSE, FORWARD, FINITE = "reverse", "forward", "finite differences"
+
+# Relative tolerances (max abs error / scale of the quantity). Reverse and forward mode are
+# exact up to rounding; the finite differences (scipy.differentiate, order 8 with Richardson
+# steps) are limited by rounding of the loss, amplified ~1/step.
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: {REVERSE: 1e-10, FORWARD: 1e-10, FINITE: 1e-8, "second": 1e-10,
+                    "unrolled": 1e-9, "unrolled_fd": 1e-6, "equal": 1e-12, "torch": 1e-10,
+                    "front_end": 1e-10},
+    torch.float32: {REVERSE: 1e-4, FORWARD: 1e-4, FINITE: math.inf, "second": 1e-3,
+                    "unrolled": 1e-3, "unrolled_fd": math.inf, "equal": 1e-5, "torch": 1e-4,
+                    "front_end": 1e-3},
+}
+
+
+def tolerance(dtype: torch.dtype, key: str) -> float:
+    if dtype not in TOLERANCES:
+        raise ValueError(f"the suite checks float64 or float32 problems, not {dtype}")
+    return TOLERANCES[dtype][key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ----------------------------------------------------------------------------- tree helpers
+
+
+def node_of(state: Any, rule_name: str = "rule") -> Any:
+    node = hdfunc.find_lr_state(state)
+    if node is None or "hypergrad" not in getattr(node, "_fields", ()):
+        raise TypeError(f"the state of {rule_name} holds no HD node (a NamedTuple with fields lr, "
+                        "hypergrad_lr and hypergrad, such as hdfunc.HDState); see "
+                        "docs/writing-a-rule.md")
+    return node
+
+
+def applied_rate(state: Any) -> PyTree:
+    """γ_{t-1}: the rate the step that made ``state`` applied (α_{t-1} without a transition)."""
+    node = hdfunc.find_lr_state(state)
+    return node.applied_lr if "applied_lr" in node._fields else node.lr
+
+
+def tree_dot(a: PyTree, b: PyTree) -> torch.Tensor:
+    return sum((x.double() * y.double()).sum() for x, y in zip(tree_leaves(a), tree_leaves(b)))
+
+
+def tree_abs_dot(a: PyTree, b: PyTree) -> float:
+    return float(sum((x.double() * y.double()).abs().sum() for x, y in zip(tree_leaves(a),
+                                                                          tree_leaves(b))))
+
+
+def tree_max_abs(a: PyTree) -> float:
+    leaves = tree_leaves(a)
+    return max(float(x.double().abs().max()) for x in leaves) if leaves else 0.0
+
+
+def tree_max_diff(a: PyTree, b: PyTree) -> float:
+    la, lb = tree_leaves(a), tree_leaves(b)
+    if len(la) != len(lb):
+        raise ValueError(f"cannot compare trees with {len(la)} and {len(lb)} leaves")
+    diffs = [float((x.double() - y.double()).abs().max()) for x, y in zip(la, lb)]
+    return max(diffs) if diffs else 0.0
+
+
+def tree_axpy(a: PyTree, s: torch.Tensor, w: PyTree) -> PyTree:
+    """a + s·w for rates (s a 0-d tensor, possibly batched or traced)."""
+    return tree_map(lambda x, y: x + s.to(x.dtype) * y, a, w)
+
+
+def tangent_like(rate: PyTree, gen: torch.Generator, *, random: bool) -> PyTree:
+    """A tangent for a rate: its own magnitude (plus the mean, so zeros move too) times a
+    random normal (``random``) or times one."""
+    def one(x: torch.Tensor) -> torch.Tensor:
+        size = x.abs() + x.abs().mean() + 1e-300
+        if not random:
+            return size
+        noise = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x)
+        return size * noise
+    return tree_map(one, rate)
+
+
+def replace_node(state: Any, **changes: Any) -> Any:
+    """A copy of ``state`` with fields of its HD node replaced (a pure rebuild)."""
+    node = hdfunc.find_lr_state(state)
+
+    def rebuild(item: Any) -> Any:
+        if item is node:
+            return node._replace(**changes)
+        if isinstance(item, (tuple, list)):
+            items = [rebuild(x) for x in item]
+            return type(item)(*items) if hasattr(item, "_fields") else type(item)(items)
+        return item
+
+    return rebuild(state)
+
+
+def run_trajectory(rule: Any, loss: Callable, params: PyTree, steps: int,
+                   state: Any = None) -> list[tuple[PyTree, Any]]:
+    """``hist[k] = (θ_k, state_k)`` for k = 0..steps, by the rule itself."""
+    state = rule.init(params) if state is None else state
+    hist = [(params, state)]
+    for _ in range(steps):
+        updates, state = rule.update(grad(loss)(params), state, params)
+        params = hdfunc.apply_updates(params, updates)
+        hist.append((params, state))
+    return hist
+
+
+# ----------------------------------------------------------------------------- finite differences
+
+@dataclass
+class FiniteDifference:
+    """scipy's estimate ``value``, its ``error`` estimate, and ``rounding``: the error that
+    rounding the function values alone may cause, ~10 ε max|φ| / (final step)."""
+
+    value: float
+    error: float
+    status: int
+    evaluations: int
+    rounding: float = 0.0
+
+    @property
+    def uncertainty(self) -> float:
+        return max(10 * self.error, self.rounding) if math.isfinite(self.error) else math.inf
+
+
+def finite_difference(phi: Callable[[torch.Tensor], torch.Tensor], *, device: Any,
+                      initial_step: float = 0.5, batched: list | None = None) -> FiniteDifference:
+    """dφ/ds at s = 0 by ``scipy.differentiate.derivative`` (central differences of order 8,
+    step halved until the error estimate stops improving), evaluated in float64. Points are
+    evaluated together under ``vmap`` when φ allows it (``batched`` remembers whether it does)."""
+    batched = batched if batched is not None else [True]
+    largest = [0.0]
+
+    def f(x: np.ndarray) -> np.ndarray:
+        flat = torch.as_tensor(np.asarray(x, dtype=np.float64).ravel(), device=device)
+        ys = None
+        if batched[0]:
+            try:
+                ys = vmap(phi)(flat)
+            except Exception:  # noqa: BLE001 - a rule that does not vmap: evaluate point by point
+                batched[0] = False
+        if ys is None:
+            ys = torch.stack([phi(s) for s in flat])
+        values = ys.detach().double().cpu().numpy().reshape(np.shape(x))
+        largest[0] = max(largest[0], float(np.max(np.abs(values), initial=0.0)))
+        return values
+
+    step_factor = 2.0
+    res = derivative(f, np.float64(0.0), initial_step=initial_step, step_factor=step_factor,
+                     maxiter=12, tolerances={"atol": 0.0, "rtol": 1e-15})
+    final_step = initial_step / step_factor ** max(int(res.nit) - 1, 0)
+    rounding = 10 * np.finfo(np.float64).eps * largest[0] / final_step
+    return FiniteDifference(float(res.df), float(res.error), int(res.status), int(res.nfev),
+                            float(rounding))
+
+
+# ----------------------------------------------------------------------------- the context
+
+
+@dataclass
+class Case:
+    """One rule on one problem and seed, with its trajectory ``hist``."""
+
+    spec: RuleSpec
+    problem: Problem
+    calibration: Calibration
+    rule: Any
+    hist: list
+    seed: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.problem.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return tree_leaves(self.problem.params)[0].device
+
+    @property
+    def objective(self) -> Callable[[PyTree], torch.Tensor]:
+        """The loss the rule's hypergradients refer to (with its coupled L2 penalty)."""
+        return self.spec.objective(self.problem.loss)
+
+    def floor(self, tangent: PyTree = None, hyper: bool = False) -> float:
+        """The smallest scale errors are measured against: ROUNDING_FLOOR × the size of the
+        first hypergradient, ‖g_1‖‖d_1‖ (× max|tangent| for a directional derivative; for
+        ∂f/∂β × ‖g_1‖‖d_1‖ again (additive) or × α_0 (multiplicative)). Where h_t is itself
+        a rounding-level cancellation (at a minimum), this keeps the relative error from
+        measuring noise."""
+        size = ROUNDING_FLOOR * self.calibration.step_scale
+        if tangent is not None:
+            size *= tree_max_abs(tangent)
+        if hyper:
+            size *= self.calibration.lr if self.spec.mode == "multiplicative" else (
+                self.calibration.step_scale)
+        return size
+
+    def label(self) -> tuple[str, str, str]:
+        return self.spec.name, self.problem.name, dtype_name(self.dtype)
+
+
+def make_case(spec: RuleSpec, problem: Problem, steps: int, seed: int = 0,
+              params: PyTree = None) -> Case:
+    params = problem.params if params is None else params
+    calibration = calibrate(spec, problem, params)
+    rule = spec.build(calibration)
+    hist = run_trajectory(rule, problem.loss, params, steps)
+    node_of(hist[-1][1], spec.name)
+    for leaf in tree_leaves(hist[-1][0]):
+        if not bool(torch.isfinite(leaf).all()):
+            raise FloatingPointError(f"the trajectory of {spec.name} on {problem.name} diverged "
+                                     f"within {steps} steps")
+    return Case(spec, problem, calibration, rule, hist, seed)
+
+
+# The finite differences' error estimate excuses at most this much relative error.
+FD_ALLOWANCE_CAP = 1e-6
+# Errors are relative to at least this fraction of the problem's first hypergradient.
+ROUNDING_FLOOR = 1e-6
+
+
+def _outcome(case: Case, check: str, method: str, abs_err: float, scale: float, tol: float,
+             where: str, what: str, fd: Optional["FiniteDifference"] = None) -> Outcome:
+    """``fd``: the finite difference compared. Its rounding floor (10 ε max|f| / step: below
+    it no finite difference resolves a derivative) and its error estimate (×10, at most
+    ``FD_ALLOWANCE_CAP`` × scale) are forgiven."""
+    rule, problem, dtype = case.label()
+    allowance = 0.0
+    if fd is not None:
+        estimate = 10 * fd.error if math.isfinite(fd.error) else 0.0
+        allowance = max(min(estimate, FD_ALLOWANCE_CAP * scale), fd.rounding)
+        where = where + f", fd uncertainty {fd.uncertainty:.1e}"
+    return judged(check, method, rule, problem, dtype, abs_err, scale, tol, where, what,
+                  allowance)
+
+
+# ----------------------------------------------------------------------------- 1. one step
+
+
+def one_step_function(case: Case, t: int) -> tuple[Callable[[PyTree], torch.Tensor], PyTree,
+                                                      PyTree]:
+    """f(α) = loss(θ_{t-2} + u_{t-1}(α)) with the past frozen, α_{t-1}'s applied value γ_{t-1},
+    and the analytic h_t the rule used at step t."""
+    if not 2 <= t < len(case.hist):
+        raise ValueError(f"step t={t} is outside 2..{len(case.hist) - 1}")
+    params, state = case.hist[t - 2]
+    g = grad(case.problem.loss)(params)
+    rule, loss = case.rule, case.objective
+
+    def f(rate: PyTree) -> torch.Tensor:
+        updates, _ = rule.update(g, hdfunc.freeze_lr(state, rate), params)
+        return loss(hdfunc.apply_updates(params, updates))
+
+    rate = applied_rate(case.hist[t - 1][1])
+    analytic = node_of(case.hist[t][1], case.spec.name).hypergrad
+    return f, rate, analytic
+
+
+def check_one_step(case: Case, t: int, *, methods: Sequence[str] = (REVERSE, FORWARD, FINITE),
+                   tangents: int = 2) -> list[Outcome]:
+    """h_t == d/dα f(θ_{t-2} + u_{t-1}(α)) at α = γ_{t-1}, by reverse mode, forward mode and
+    finite differences."""
+    f, rate, analytic = one_step_function(case, t)
+    where = f"seed {case.seed}, t={t}"
+    what = "the rule's h_t and the exact d/dalpha f(theta_{t-2}+u_{t-1}(alpha))"
+    dtype = case.dtype
+    gen = torch.Generator().manual_seed(1000 * case.seed + t)
+    scalar = isinstance(rate, torch.Tensor) and rate.dim() == 0
+    out = []
+    if tree_flatten(analytic)[1] != tree_flatten(rate)[1]:
+        raise TypeError(f"the rule's hypergrad has the structure {tree_flatten(analytic)[1]} "
+                        f"but its rate has {tree_flatten(rate)[1]}")
+    if REVERSE in methods:
+        exact = grad(f)(rate)
+        out.append(_outcome(case, ONE_STEP, REVERSE, tree_max_diff(analytic, exact),
+                            max(tree_max_abs(exact), case.floor()), tolerance(dtype, REVERSE),
+                            where, what))
+    directions = [tangent_like(rate, gen, random=not scalar) for _ in range(1 if scalar else tangents)]
+    if FORWARD in methods:
+        for w in directions:
+            _, exact_dir = jvp(f, (rate,), (w,))
+            value = tree_dot(analytic, w)
+            scale = max(tree_abs_dot(analytic, w), abs(float(exact_dir)), case.floor(w))
+            out.append(_outcome(case, ONE_STEP, FORWARD, abs(float(value - exact_dir)), scale,
+                                tolerance(dtype, FORWARD), where, what + " along a tangent"))
+    if FINITE in methods and dtype == torch.float64:
+        w = directions[0]
+        fd = finite_difference(lambda s: f(tree_axpy(rate, s, w)), device=case.device)
+        value = float(tree_dot(analytic, w))
+        scale = max(tree_abs_dot(analytic, w), abs(fd.value), case.floor(w))
+        out.append(_outcome(case, ONE_STEP, FINITE, abs(value - fd.value), scale,
+                            tolerance(dtype, FINITE), where, what + " along a tangent", fd))
+    return out
+
+
+# ----------------------------------------------------------------------------- 2. second order
+
+
+def check_second_order(case: Case, t: int) -> list[Outcome]:
+    """d²/ds² f(γ_{t-1} + s w) by ``torch.func.hessian`` (forward over reverse) equals
+    δᵀHδ + ∇f·θ'' from Hessian-vector products, where θ(s) is the point after the step,
+    δ = θ'(0) (θ'' = 0 when u is linear in α, as for every HD rule); and on a quadratic equals the
+    closed form δᵀAδ + (Aθ - b)·θ''."""
+    f, rate, _ = one_step_function(case, t)
+    params, state = case.hist[t - 2]
+    g = grad(case.problem.loss)(params)
+    rule, loss = case.rule, case.objective
+    gen = torch.Generator().manual_seed(2000 + 1000 * case.seed + t)
+    scalar = isinstance(rate, torch.Tensor) and rate.dim() == 0
+    w = tangent_like(rate, gen, random=not scalar)
+    zero = torch.zeros((), dtype=torch.float64, device=case.device)
+    one = torch.ones_like(zero)
+
+    def theta(s: torch.Tensor) -> PyTree:
+        updates, _ = rule.update(g, hdfunc.freeze_lr(state, tree_axpy(rate, s, w)), params)
+        return hdfunc.apply_updates(params, updates)
+
+    second = hessian(lambda s: loss(theta(s)))(zero)
+    point, delta = jvp(theta, (zero,), (one,))
+    _, curvature = jvp(lambda s: jvp(theta, (s,), (one,))[1], (zero,), (one,))
+    gradient, h_delta = jvp(grad(loss), (point,), (delta,))
+    quadratic_part = tree_dot(delta, h_delta)
+    linear_part = tree_dot(gradient, curvature)
+    predicted = quadratic_part + linear_part
+    scale = max(abs(float(quadratic_part)) + abs(float(linear_part)), abs(float(second)))
+    where = f"seed {case.seed}, t={t}"
+    tol = tolerance(case.dtype, "second")
+    out = [_outcome(case, SECOND_ORDER, "hessian vs HVP", abs(float(second - predicted)), scale,
+                    tol, where, "d2/dalpha2 f by torch.func.hessian and d.H.d by HVPs")]
+    a, b = case.problem.hessian, case.problem.linear_term
+    if a is not None:
+        d_flat, c_flat, p_flat = (flatten_params(delta), flatten_params(curvature),
+                                  flatten_params(point))
+        a = a + case.spec.l2 * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+        closed = d_flat @ (a @ d_flat) + (a @ p_flat - b) @ c_flat
+        out.append(_outcome(case, SECOND_ORDER, "hessian vs dAd", abs(float(second - closed)),
+                            scale, tol, where, "d2/dalpha2 f by torch.func.hessian and d.A.d"))
+    return out
+
+
+# ----------------------------------------------------------------------------- 3. K steps
+
+
+def unrolled_loss(rule: Any, loss: Callable, params: PyTree, state: Any, steps: int,
+                  objective: Optional[Callable] = None) -> Callable[[PyTree], torch.Tensor]:
+    """L(α) = f(θ_K) after ``steps`` steps that all apply the constant rate α (no adaptation);
+    the steps are fed ∇``loss``, f is ``objective`` (default: ``loss``)."""
+    objective = objective or loss
+
+    def run(rate: PyTree) -> torch.Tensor:
+        p, s = params, state
+        for _ in range(steps):
+            updates, s = rule.update(grad(loss)(p), hdfunc.freeze_lr(s, rate), p)
+            p = hdfunc.apply_updates(p, updates)
+        return objective(p)
+    return run
+
+
+def check_unrolled(case: Case, steps: int, start: int = 2) -> list[Outcome]:
+    """dL/dα for the loss after K steps with a constant α: reverse mode through the whole
+    loop, forward mode (one jvp, memory flat in K) and finite differences agree."""
+    params, state = case.hist[start]
+    rate = hdfunc.find_lr_state(state).lr
+    L = unrolled_loss(case.rule, case.problem.loss, params, state, steps, case.objective)
+    gen = torch.Generator().manual_seed(3000 + case.seed)
+    scalar = isinstance(rate, torch.Tensor) and rate.dim() == 0
+    w = tangent_like(rate, gen, random=not scalar)
+    reverse = grad(L)(rate)
+    _, forward = jvp(L, (rate,), (w,))
+    along = tree_dot(reverse, w)
+    where = f"seed {case.seed}, K={steps}"
+    scale = max(tree_abs_dot(reverse, w), abs(float(forward)), case.floor(w))
+    out = [_outcome(case, UNROLLED, "reverse vs forward", abs(float(along - forward)), scale,
+                    tolerance(case.dtype, "unrolled"), where,
+                    "dL_K/dalpha by reverse mode and by forward mode")]
+    if case.dtype == torch.float64:
+        fd = finite_difference(lambda s: L(tree_axpy(rate, s, w)), device=case.device,
+                               initial_step=0.25)
+        out.append(_outcome(case, UNROLLED, "fd vs forward", abs(fd.value - float(forward)),
+                            scale, tolerance(case.dtype, "unrolled_fd"),
+                            where, "dL_K/dalpha by finite differences and by forward mode", fd))
+    return out
+
+
+def greedy_vs_exact(spec: RuleSpec, problem: Problem, steps_list: Sequence[int], seeds: int,
+                    warmup: int = 2) -> list[Finding]:
+    """For each K: the exact dL_K/dα (constant α over K steps, reverse mode, vmapped over
+    seeds) against HD's greedy one-step h_{K+1} = ∂f(θ_K)/∂α through step K only."""
+    starts = []
+    for seed in range(seeds):
+        params = perturbed_params(problem, 0.1, seed)
+        calibration = calibrate(spec, problem)
+        rule = spec.build(calibration)
+        starts.append(run_trajectory(rule, problem.loss, params, warmup)[-1])
+    rule = spec.build(calibrate(spec, problem))
+    batch_params = tree_map(lambda *xs: torch.stack(xs), *[p for p, _ in starts])
+    batch_states = tree_map(lambda *xs: torch.stack(xs), *[s for _, s in starts])
+    findings = []
+    for steps in steps_list:
+        def exact_and_greedy(params: PyTree, state: Any) -> tuple[PyTree, PyTree]:
+            rate = hdfunc.find_lr_state(state).lr
+            exact = grad(unrolled_loss(rule, problem.loss, params, state, steps,
+                                       spec.objective(problem.loss)))(rate)
+            p, s = params, state
+            for _ in range(steps + 1):
+                updates, s = rule.update(grad(problem.loss)(p), hdfunc.freeze_lr(s, rate), p)
+                p = hdfunc.apply_updates(p, updates)
+            return exact, hdfunc.find_lr_state(s).hypergrad
+
+        exact, greedy = vmap(exact_and_greedy)(batch_params, batch_states)
+        e = torch.cat([x.reshape(-1) for x in tree_leaves(exact)]).double()
+        h = torch.cat([x.reshape(-1) for x in tree_leaves(greedy)]).double()
+        cosine = float(e @ h / (e.norm() * h.norm()).clamp_min(1e-300))
+        agree = float((torch.sign(e) == torch.sign(h)).double().mean())
+        findings.append(Finding(spec.name, problem.name, steps, agree, cosine, e.numel()))
+    return findings
+
+
+# ----------------------------------------------------------------------------- 4. hyper-hypergradients
+
+
+def hd_loss_of_beta(rule: Any, loss: Callable, params: PyTree, state: Any, steps: int
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """f(θ_K) after K steps of the HD rule itself, as a function of β (set at the first step)."""
+    def run(beta: torch.Tensor) -> torch.Tensor:
+        p, s = params, hdfunc.freeze_hypergrad_lr(state, beta)
+        for _ in range(steps):
+            updates, s = rule.update(grad(loss)(p), s, p)
+            p = hdfunc.apply_updates(p, updates)
+        return loss(p)
+    return run
+
+
+def hd_loss_of_initial_lr(rule: Any, loss: Callable, params: PyTree, steps: int
+                          ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """f(θ_K) after K steps of the HD rule from its initial state, as a function of α_0."""
+    state0 = rule.init(params)
+    node = hdfunc.find_lr_state(state0)
+
+    def run(lr0: torch.Tensor) -> torch.Tensor:
+        rates = tree_map(lambda x: lr0.to(x.dtype) * torch.ones_like(x), node.lr)
+        changes = {"lr": rates}
+        if "applied_lr" in node._fields:
+            changes["applied_lr"] = rates
+        p, s = params, replace_node(state0, **changes)
+        for _ in range(steps):
+            updates, s = rule.update(grad(loss)(p), s, p)
+            p = hdfunc.apply_updates(p, updates)
+        return loss(p)
+    return run
+
+
+def _scalar_derivatives(case: Case, check: str, L: Callable[[torch.Tensor], torch.Tensor],
+                        x0: torch.Tensor, where: str) -> list[Outcome]:
+    """dL/dx at x0 for a scalar x by reverse, forward and finite differences (in the relative
+    variable s, x = x0 (1 + s), so the step is scale-free)."""
+    reverse = grad(L)(x0)
+    _, forward = jvp(L, (x0,), (torch.ones_like(x0),))
+    scale = max(abs(float(reverse)), abs(float(forward)))
+    out = [_outcome(case, check, "reverse vs forward", abs(float(reverse - forward)), scale,
+                    tolerance(case.dtype, "unrolled"), where,
+                    "the derivative by reverse mode and by forward mode")]
+    if case.dtype == torch.float64:
+        size = abs(float(x0)) or 1.0
+        fd = finite_difference(lambda s: L(x0 + s.to(x0.dtype) * size), device=case.device,
+                               initial_step=0.25)
+        out.append(_outcome(case, check, "fd vs forward", abs(fd.value - size * float(forward)),
+                            size * max(abs(float(forward)), abs(fd.value) / size), tolerance(case.dtype, "unrolled_fd"),
+                            where, "the derivative by finite differences and by forward mode", fd))
+    return out
+
+
+def check_hyper(case: Case, steps: int, start: int = 2) -> list[Outcome]:
+    """d f(θ_K)/dβ and d f(θ_K)/dα_0 through K steps of the HD updates themselves."""
+    params, state = case.hist[start]
+    node = hdfunc.find_lr_state(state)
+    beta = node.hypergrad_lr
+    out = _scalar_derivatives(case, HYPER_BETA, hd_loss_of_beta(
+        case.rule, case.problem.loss, params, state, steps), beta,
+        f"seed {case.seed}, from t={start}, K={steps}")
+    params0, state0 = case.hist[0]
+    lr0 = torch.as_tensor(case.calibration.lr, dtype=torch.float64, device=case.device)
+    out += _scalar_derivatives(case, HYPER_ALPHA0, hd_loss_of_initial_lr(
+        case.rule, case.problem.loss, params0, steps), lr0, f"seed {case.seed}, K={steps}")
+    return out
+
+
+def check_hyper_analytic(case: Case, t: int) -> list[Outcome]:
+    """The higher-order variant's ∂f(θ_{t-1})/∂β (state_t.hyper_hypergrad) equals the exact
+    d/dβ f(θ_{t-2} + u_{t-1}(β)) with the past frozen, at β = β_{t-1}."""
+    if not 3 <= t < len(case.hist):
+        raise ValueError(f"step t={t} is outside 3..{len(case.hist) - 1}")
+    node = node_of(case.hist[t][1], case.spec.name)
+    analytic = getattr(node, "hyper_hypergrad", ())
+    if not tree_leaves(analytic):
+        raise TypeError(f"{case.spec.name} is not a higher-order rule (no hyper_hypergrad)")
+    params, state = case.hist[t - 2]
+    g = grad(case.problem.loss)(params)
+    rule, loss = case.rule, case.objective
+
+    def F(beta: torch.Tensor) -> torch.Tensor:
+        updates, _ = rule.update(g, hdfunc.freeze_hypergrad_lr(state, beta), params)
+        return loss(hdfunc.apply_updates(params, updates))
+
+    beta = hdfunc.find_lr_state(case.hist[t - 1][1]).hypergrad_lr
+    where = f"seed {case.seed}, t={t}"
+    what = "the rule's hyper_hypergrad and the exact d/dbeta f(theta_{t-1})"
+    exact = grad(F)(beta)
+    _, forward = jvp(F, (beta,), (torch.ones_like(beta),))
+    floor = case.floor(hyper=True)
+    out = [_outcome(case, HYPER_ANALYTIC, REVERSE, abs(float(analytic - exact)),
+                    max(abs(float(exact)), floor), tolerance(case.dtype, REVERSE), where, what),
+           _outcome(case, HYPER_ANALYTIC, FORWARD, abs(float(analytic - forward)),
+                    max(abs(float(forward)), floor), tolerance(case.dtype, FORWARD), where, what)]
+    if case.dtype == torch.float64:
+        size = abs(float(beta)) or 1.0
+        fd = finite_difference(lambda s: F(beta + s.to(beta.dtype) * size), device=case.device)
+        out.append(_outcome(case, HYPER_ANALYTIC, FINITE, abs(size * float(analytic) - fd.value),
+                            max(abs(fd.value), size * abs(float(analytic)), size * floor),
+                            tolerance(case.dtype, FINITE),
+                            where, what, fd))
+    return out
+
+
+# ----------------------------------------------------------------------------- 5. equivalences
+
+
+def _trajectory_error(a: list, b: list) -> tuple[float, float]:
+    abs_err = max(tree_max_diff(pa, pb) for (pa, _), (pb, _) in zip(a, b))
+    scale = max(tree_max_abs(pb) for pb, _ in b)
+    return abs_err, scale
+
+
+def check_beta_zero(spec: RuleSpec, problem: Problem, steps: int) -> list[Outcome]:
+    """An HD rule with β = 0 takes exactly its base rule's steps."""
+    calibration = calibrate(spec, problem)
+    hd = run_trajectory(spec.make(calibration.lr, 0.0, calibration), problem.loss,
+                        problem.params, steps)
+    base = run_trajectory(spec.base(calibration.lr), problem.loss, problem.params, steps)
+    abs_err, scale = _trajectory_error(hd, base)
+    return [judged(BETA_ZERO, "params", spec.name, problem.name, dtype_name(problem.dtype),
+                   abs_err, scale, tolerance(problem.dtype, "equal"), f"{steps} steps",
+                   "the parameters of the HD rule with beta=0 and of its base rule")]
+
+
+def check_torch_optim(spec: RuleSpec, problem: Problem, steps: int) -> list[Outcome]:
+    """The base rule takes the steps of the matching ``torch.optim`` optimizer."""
+    calibration = calibrate(spec, problem)
+    ours = run_trajectory(spec.base(calibration.lr), problem.loss, problem.params, steps)
+    leaves, tree_spec = tree_flatten(problem.params)
+    tensors = [x.detach().clone().requires_grad_(True) for x in leaves]
+    optimizer = spec.torch_optimizer(tensors, calibration.lr)
+    theirs = [(problem.params, None)]
+    for _ in range(steps):
+        optimizer.zero_grad()
+        problem.loss(tree_unflatten(tensors, tree_spec)).backward()
+        optimizer.step()
+        theirs.append((tree_unflatten([x.detach().clone() for x in tensors], tree_spec), None))
+    abs_err, scale = _trajectory_error(ours, theirs)
+    name = type(optimizer).__name__
+    return [judged(TORCH_OPTIM, name, spec.name.split("[")[0].replace("_hd", ""), problem.name,
+                   dtype_name(problem.dtype), abs_err, scale, tolerance(problem.dtype, "torch"),
+                   f"{steps} steps", f"the parameters of the functional base rule and torch.optim.{name}")]
+
+
+def check_vmap(spec: RuleSpec, problem: Problem, steps: int, seeds: int = 3) -> list[Outcome]:
+    """One vmapped run over seeds (perturbed starting points) and a grid of (α_0, β) stacked
+    from states of differently built rules equals a loop over the same seeds and rules."""
+    calibration = calibrate(spec, problem)
+    factors = [0.5 + 0.5 * i for i in range(seeds)]
+    rules = [spec.make(calibration.lr * c, calibration.hypergrad_lr * c,
+                       Calibration(calibration.lr * c, calibration.hypergrad_lr * c,
+                                   calibration.step_scale)) for c in factors]
+    starts = [perturbed_params(problem, 0.1, seed) for seed in range(seeds)]
+    looped = [run_trajectory(r, problem.loss, p, steps)[-1] for r, p in zip(rules, starts)]
+
+    rule = rules[0]
+
+    def step(params: PyTree, state: Any) -> tuple[PyTree, Any]:
+        updates, state = rule.update(grad(problem.loss)(params), state, params)
+        return hdfunc.apply_updates(params, updates), state
+
+    params = tree_map(lambda *xs: torch.stack(xs), *starts)
+    state = tree_map(lambda *xs: torch.stack(xs), *[r.init(p) for r, p in zip(rules, starts)])
+    batched_step = vmap(step)
+    for _ in range(steps):
+        params, state = batched_step(params, state)
+    abs_err = scale = 0.0
+    for i, (p_loop, s_loop) in enumerate(looped):
+        p_i = tree_map(lambda x: x[i], params)
+        lr_i = tree_map(lambda x: x[i], hdfunc.get_lr(state))
+        abs_err = max(abs_err, tree_max_diff(p_i, p_loop), tree_max_diff(lr_i, hdfunc.get_lr(s_loop)))
+        scale = max(scale, tree_max_abs(p_loop), tree_max_abs(hdfunc.get_lr(s_loop)))
+    return [judged(VMAP, "params and rates", spec.name, problem.name, dtype_name(problem.dtype),
+                   abs_err, scale, tolerance(problem.dtype, "equal"),
+                   f"{seeds} seeds × (alpha_0, beta) grid, {steps} steps",
+                   "the vmapped and the looped runs")]

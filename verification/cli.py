@@ -1,0 +1,81 @@
+"""Command line of the verification suite (``python -m verification`` / ``hdfunc verify``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+import torch
+
+from verification.problems import PROBLEM_NAMES
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m verification",
+        description="Check every hypergradient hdfunc uses against the exact derivative computed "
+                    "by torch.func (reverse mode, forward mode, finite differences), through one "
+                    "step, K unrolled steps and the HD updates themselves; plus equivalences "
+                    "with the base rules, torch.optim and vmap. Exit status 1 on any failure.")
+    p.add_argument("--quick", action="store_true",
+                   help="a representative subset (under a minute on 2 CPU cores)")
+    p.add_argument("--rule", action="append", default=[], metavar="package.module:factory",
+                   help="verify your own rule instead of the built-in ones: factory(lr, "
+                        "hypergrad_lr) returns a rule whose state holds an HD node "
+                        "(docs/writing-a-rule.md); may be repeated")
+    p.add_argument("--only", metavar="GLOB", help="only rules whose name matches, e.g. 'adam*'")
+    p.add_argument("--problems", nargs="+", choices=PROBLEM_NAMES, metavar="NAME",
+                   help=f"a subset of the problems ({', '.join(PROBLEM_NAMES)})")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda when available for the full run, else cpu)")
+    p.add_argument("--dtype", default="float64", choices=("float64", "float32"),
+                   help="dtype of the problems (default float64; float32 skips finite differences)")
+    p.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the report as Markdown (for docs/)")
+    p.add_argument("--failures-only", action="store_true",
+                   help="print only the failing rows of the table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from verification.catalog import load_factory, user_spec
+    from verification.suite import run
+
+    device = args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        print(f"verification: device {device!r} is not available: {error}", file=sys.stderr)
+        return 2
+    try:
+        rules = [user_spec(load_factory(t), name=t) for t in args.rule] or None
+        report = run(rules, quick=args.quick, only=args.only, problems=args.problems,
+                     device=device, dtype=getattr(torch, args.dtype),
+                     progress=not args.no_progress and sys.stderr.isatty())
+    except (ValueError, TypeError) as error:
+        print(f"verification: {error}", file=sys.stderr)
+        return 2
+
+    print(report.table(failures_only=args.failures_only))
+    findings = report.findings_table()
+    if findings:
+        print("\n" + findings)
+    for outcome in report.failures[:50]:
+        print(outcome.message, file=sys.stderr)
+    if len(report.failures) > 50:
+        print(f"... and {len(report.failures) - 50} more failures (see --json)", file=sys.stderr)
+    if args.json:
+        report.write_json(args.json)
+    if args.markdown:
+        report.write_markdown(args.markdown)
+    print("\n" + report.summary())
+    if report.interrupted:
+        return 130
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

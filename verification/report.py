@@ -1,0 +1,241 @@
+"""Outcomes of the checks and the report: terminal table, JSON and Markdown."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+PASS, FAIL, ERROR = "PASS", "FAIL", "ERROR"
+
+
+@dataclass
+class Outcome:
+    """One comparison: ``value`` (the quantity under test) against ``reference`` (an exact or
+    independent computation), ``max_rel_err`` = max abs error / ``scale``, passing when it is at
+    most ``tolerance``. ``where`` locates it (seed, step t, K ...); ``message`` explains a
+    failure in words."""
+
+    check: str
+    method: str
+    rule: str
+    problem: str
+    dtype: str
+    max_abs_err: float
+    max_rel_err: float
+    tolerance: float
+    verdict: str
+    where: str = ""
+    message: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict != PASS
+
+
+def judged(check: str, method: str, rule: str, problem: str, dtype: str, abs_err: float,
+           scale: float, tolerance: float, where: str, what: str,
+           allowance: float = 0.0) -> Outcome:
+    """An outcome from an absolute error and the scale it is relative to. ``what`` names the
+    two quantities compared, for the failure message. ``allowance`` is an absolute error
+    forgiven before the relative error is taken (the finite differences' own error estimate,
+    capped by the caller)."""
+    if not math.isfinite(abs_err) or not math.isfinite(scale):
+        rel = math.inf
+    elif scale > 0:
+        rel = max(abs_err - allowance, 0.0) / scale
+    else:
+        rel = 0.0 if abs_err == 0 else math.inf
+    verdict = PASS if rel <= tolerance else FAIL
+    message = ""
+    if verdict == FAIL and not math.isfinite(abs_err):
+        message = (f"{check} ({method}) FAILED for rule {rule} on problem {problem} "
+                   f"({dtype}, {where}): {what} differ by a non-finite amount (NaN or inf: a "
+                   f"derivative is not finite)")
+    elif verdict == FAIL:
+        message = (f"{check} ({method}) FAILED for rule {rule} on problem {problem} "
+                   f"({dtype}, {where}): {what} differ by {abs_err:.3g} absolute, "
+                   f"{rel:.3g} relative (tolerance {tolerance:.1g})")
+    return Outcome(check, method, rule, problem, dtype, float(abs_err), float(rel), tolerance,
+                   verdict, where, message)
+
+
+def errored(check: str, rule: str, problem: str, dtype: str, where: str,
+            error: BaseException) -> Outcome:
+    text = f"{type(error).__name__}: {error}".strip()
+    return Outcome(check, "-", rule, problem, dtype, math.inf, math.inf, 0.0, ERROR, where,
+                   f"{check} could not run for rule {rule} on problem {problem} ({dtype}, "
+                   f"{where}): {text}")
+
+
+@dataclass
+class Finding:
+    """How HD's greedy one-step hypergradient compares with the exact K-step one (not a test):
+    sign agreement (fraction of rate entries × seeds with the same sign) and cosine similarity
+    (over the same entries)."""
+
+    rule: str
+    problem: str
+    steps: int
+    sign_agreement: float
+    cosine: float
+    samples: int
+
+
+@dataclass
+class Report:
+    outcomes: list[Outcome] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    interrupted: bool = False
+
+    # ------------------------------------------------------------------ summary
+    @property
+    def failures(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.failed]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.outcomes) and not self.failures and not self.interrupted
+
+    def counts(self) -> dict[str, int]:
+        counts = {PASS: 0, FAIL: 0, ERROR: 0}
+        for o in self.outcomes:
+            counts[o.verdict] = counts.get(o.verdict, 0) + 1
+        return counts
+
+    def summary(self) -> str:
+        c = self.counts()
+        rules = len({o.rule for o in self.outcomes})
+        problems = len({o.problem for o in self.outcomes})
+        state = "PASSED" if self.passed else ("INTERRUPTED" if self.interrupted else "FAILED")
+        return (f"verification {state}: {c[PASS]} passed, {c[FAIL]} failed, {c[ERROR]} errors "
+                f"({len(self.outcomes)} comparisons, {rules} rules, {problems} problems"
+                f"{', %.1f s' % self.meta['seconds'] if 'seconds' in self.meta else ''})")
+
+    # ------------------------------------------------------------------ rows
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per (check, method, rule, problem, dtype): the worst outcome."""
+        worst: dict[tuple, Outcome] = {}
+        count: dict[tuple, int] = {}
+        for o in self.outcomes:
+            key = (o.check, o.method, o.rule, o.problem, o.dtype)
+            count[key] = count.get(key, 0) + 1
+            best = worst.get(key)
+            if best is None or _badness(o) > _badness(best):
+                worst[key] = o
+        rows = []
+        for key, o in worst.items():
+            rows.append({"check": f"{o.check} [{o.method}]" if o.method != "-" else o.check,
+                         "rule": o.rule, "problem": o.problem, "dtype": o.dtype,
+                         "max abs err": o.max_abs_err, "max rel err": o.max_rel_err,
+                         "tolerance": o.tolerance, "verdict": o.verdict, "n": count[key]})
+        return rows
+
+    def table(self, failures_only: bool = False) -> str:
+        rows = [r for r in self.rows() if not failures_only or r["verdict"] != PASS]
+        columns = ["check", "rule", "problem", "dtype", "max abs err", "max rel err",
+                   "tolerance", "verdict"]
+        cells = [[_cell(r[c]) for c in columns] for r in rows]
+        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+        line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+        out = [line, "  ".join("-" * w for w in widths)]
+        out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+        return "\n".join(out)
+
+    def findings_table(self) -> str:
+        if not self.findings:
+            return ""
+        out = ["greedy one-step vs exact K-step hypergradient (a finding, not a test):",
+               f"  {'rule':<34} {'problem':<11} {'K':>4}  {'sign agree':>10}  {'cosine':>7}  n"]
+        for f in self.findings:
+            out.append(f"  {f.rule:<34} {f.problem:<11} {f.steps:>4}  {f.sign_agreement:>10.2f}"
+                       f"  {f.cosine:>7.3f}  {f.samples}")
+        return "\n".join(out)
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "interrupted": self.interrupted, "summary": self.summary(),
+                "counts": self.counts(), "meta": self.meta,
+                "rows": [_jsonable(r) for r in self.rows()],
+                "outcomes": [_jsonable(asdict(o)) for o in self.outcomes],
+                "failures": [o.message for o in self.failures],
+                "findings": [asdict(f) for f in self.findings]}
+
+    def write_json(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False))
+        tmp.replace(path)
+
+    def markdown(self) -> str:
+        lines = ["# Verification report", "", f"**{self.summary()}**", ""]
+        if self.meta:
+            lines += ["| setting | value |", "| --- | --- |"]
+            lines += [f"| {k} | {v} |" for k, v in self.meta.items()]
+            lines.append("")
+        if self.failures:
+            lines += ["## Failures", ""] + [f"- {o.message}" for o in self.failures] + [""]
+        lines += ["## Checks", "",
+                  "| check | rule | problem | dtype | max abs err | max rel err | tolerance | verdict |",
+                  "| --- | --- | --- | --- | ---: | ---: | ---: | --- |"]
+        for r in self.rows():
+            lines.append("| " + " | ".join(_cell(r[c]) for c in (
+                "check", "rule", "problem", "dtype", "max abs err", "max rel err", "tolerance",
+                "verdict")) + " |")
+        if self.findings:
+            lines += ["", "## Finding: greedy one-step vs exact K-step hypergradient", "",
+                      "Not a pass/fail check: how often HD's one-step hypergradient has the sign "
+                      "of the exact derivative of the loss after K steps with a constant rate, "
+                      "and their cosine similarity.", "",
+                      "| rule | problem | K | sign agreement | cosine | samples |",
+                      "| --- | --- | ---: | ---: | ---: | ---: |"]
+            for f in self.findings:
+                lines.append(f"| {f.rule} | {f.problem} | {f.steps} | {f.sign_agreement:.2f} | "
+                             f"{f.cosine:.3f} | {f.samples} |")
+        return "\n".join(lines) + "\n"
+
+    def write_markdown(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.markdown())
+
+
+def _badness(o: Outcome) -> tuple:
+    rank = {PASS: 0, FAIL: 1, ERROR: 2}[o.verdict]
+    return (rank, o.max_rel_err / o.tolerance if o.tolerance > 0 else o.max_rel_err)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf"
+        return "0" if value == 0 else f"{value:.1e}"
+    return str(value)
+
+
+def _jsonable(record: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()}
+
+
+def environment() -> dict[str, str]:
+    import torch
+    return {"python": platform.python_version(), "torch": torch.__version__}
+
+
+def merge(reports: Iterable[Report]) -> Report:
+    out = Report()
+    for r in reports:
+        out.outcomes += r.outcomes
+        out.findings += r.findings
+        out.interrupted |= r.interrupted
+    return out
+
+
+__all__ = ["Outcome", "Finding", "Report", "judged", "errored", "PASS", "FAIL", "ERROR",
+           "environment", "merge"]
