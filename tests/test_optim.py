@@ -1,0 +1,388 @@
+"""hdfunc.optim: the torch.optim front end, against the functional rules and torch.optim."""
+
+from __future__ import annotations
+
+import copy
+import io
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad
+
+import hdfunc
+from hdfunc.base import Transform
+from hdfunc.optim import SGDHD, SGDNHD, AdamHD, AdamWHD
+
+
+def make_model(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(),
+                          nn.Linear(3, 1)).to(dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(48, 5, generator=gen, dtype=torch.float64).to(dtype)
+    y = torch.randn(48, 1, generator=gen, dtype=torch.float64).to(dtype)
+    return model, x, y
+
+
+def train(model, optimizer, x, y, steps, sign=1.0):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = sign * ((model(x) - y) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+
+
+def functional_run(rule, model, x, y, steps):
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    def loss(p):
+        return ((functional_call(model, p, (x,)) - y) ** 2).mean()
+
+    state = rule.init(params)
+    for _ in range(steps):
+        updates, state = rule.update(grad(loss)(params), state, params)
+        params = hdfunc.apply_updates(params, updates)
+    return params, state
+
+
+def max_error(model, params):
+    return max((params[k] - v.detach()).abs().max().item() for k, v in model.named_parameters())
+
+
+CASES = {
+    "adam_hd": (AdamHD, hdfunc.adam_hd, dict(lr=1e-2, hypergrad_lr=1e-3)),
+    "adam_hd_l2": (AdamHD, hdfunc.adam_hd, dict(lr=1e-2, hypergrad_lr=1e-3, weight_decay=0.05)),
+    "adam_hd_mult": (AdamHD, hdfunc.adam_hd, dict(lr=1e-2, hypergrad_lr=0.02,
+                                                  mode="multiplicative")),
+    "adam_hd_transition": (AdamHD, hdfunc.adam_hd, dict(lr=1e-2, hypergrad_lr=1e-3,
+                                                        final_lr=5e-3)),
+    "adamw_hd": (AdamWHD, hdfunc.adamw_hd, dict(lr=1e-2, hypergrad_lr=1e-3, weight_decay=0.1)),
+    "adamw_hd_mult": (AdamWHD, hdfunc.adamw_hd, dict(lr=1e-2, hypergrad_lr=0.02,
+                                                     weight_decay=0.1, mode="multiplicative")),
+    "sgd_hd": (SGDHD, hdfunc.sgd_hd, dict(lr=1e-2, hypergrad_lr=1e-2)),
+    "sgd_hd_l2_bounds": (SGDHD, hdfunc.sgd_hd, dict(lr=1e-2, hypergrad_lr=0.05, weight_decay=0.01,
+                                                    lr_bounds=(0.0, 0.03))),
+    "sgd_hd_higher_order": (SGDHD, hdfunc.sgd_hd, dict(lr=1e-2, hypergrad_lr=1e-2,
+                                                       hyper_hypergrad_lr=1e-3)),
+    "sgdn_hd": (SGDNHD, hdfunc.sgdn_hd, dict(lr=1e-2, hypergrad_lr=1e-2, momentum=0.9)),
+    "sgdn_hd_mult": (SGDNHD, hdfunc.sgdn_hd, dict(lr=1e-2, hypergrad_lr=0.02, momentum=0.9,
+                                                  mode="multiplicative")),
+}
+KERNELS = {"default": {}, "foreach": dict(foreach=True), "for_loop": dict(foreach=False,
+                                                                          fused=False)}
+
+
+MAIN_RULES = ("adam_hd", "adamw_hd", "sgd_hd", "sgdn_hd")
+
+
+@pytest.mark.parametrize("case,kernel", [(c, "default") for c in CASES] + [
+    (c, k) for c in MAIN_RULES for k in KERNELS if k != "default"])
+def test_matches_functional_rule(case, kernel):
+    """A torch.nn training loop with the optimizer follows the functional rule's trajectory
+    (params and α) to rounding, in float64, on every kernel path."""
+    cls, rule_fn, kwargs = CASES[case]
+    model, x, y = make_model()
+    params, state = functional_run(rule_fn(**kwargs), model, x, y, steps=25)
+    optimizer = cls(model.parameters(), **kwargs, **KERNELS[kernel])
+    train(model, optimizer, x, y, steps=25)
+    tolerance = 1e-13
+    assert max_error(model, params) < tolerance
+    alpha = optimizer.adapted_lrs()[0]
+    torch.testing.assert_close(alpha, hdfunc.get_lr(state), rtol=tolerance, atol=0)
+    assert float(hdfunc.get_lr(state)) != kwargs["lr"]  # α really moved
+
+
+class HeavyBallState(NamedTuple):
+    velocity: dict
+
+
+def heavy_ball(momentum):
+    """Reference direction for SGD with plain (heavy-ball) momentum: v_t = μ v + g, d_t = v_t."""
+    def init(params):
+        return HeavyBallState({k: torch.zeros_like(v) for k, v in params.items()})
+
+    def update(g, state, params):
+        velocity = {k: momentum * state.velocity[k] + g[k] for k in g}
+        return velocity, HeavyBallState(velocity)
+
+    return Transform(init, update, "heavy_ball")
+
+
+def test_heavy_ball_momentum_matches_hd_rule_without_extra_buffer():
+    model, x, y = make_model()
+    params, state = functional_run(hdfunc.hd_rule(heavy_ball(0.8), 1e-2, 1e-2), model, x, y, 20)
+    optimizer = SGDHD(model.parameters(), lr=1e-2, hypergrad_lr=1e-2, momentum=0.8)
+    train(model, optimizer, x, y, 20)
+    assert max_error(model, params) < 1e-13
+    for p in model.parameters():
+        assert set(optimizer.state[p]) == {"momentum_buffer"}  # d_{t-1} is the momentum buffer
+
+
+PAIRS = [
+    (AdamHD, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.01)),
+    (AdamWHD, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    (SGDHD, torch.optim.SGD, dict(lr=1e-2, weight_decay=0.01)),
+    (SGDHD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True)),
+    (SGDHD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, dampening=0.1)),
+]
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("kernel", [dict(foreach=True), dict(fused=True),
+                                    dict(foreach=False, fused=False)])
+@pytest.mark.parametrize("pair", range(len(PAIRS)))
+def test_zero_hypergrad_lr_is_torch_optimizer(pair, kernel, maximize):
+    """hypergrad_lr=0: bit for bit torch.optim's step on the same kernel (float32)."""
+    hd_cls, torch_cls, kwargs = PAIRS[pair]
+    model_a, x, y = make_model(torch.float32)
+    model_b = copy.deepcopy(model_a)
+    opt_a = hd_cls(model_a.parameters(), hypergrad_lr=0.0, maximize=maximize, **kwargs, **kernel)
+    opt_b = torch_cls(model_b.parameters(), maximize=maximize, **kwargs, **kernel)
+    sign = -1.0 if maximize else 1.0
+    train(model_a, opt_a, x, y, 6, sign)
+    train(model_b, opt_b, x, y, 6, sign)
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+    assert opt_a.adapted_lrs()[0].item() == pytest.approx(kwargs["lr"], rel=1e-7)
+
+
+@pytest.mark.parametrize("cls", [AdamHD, SGDHD])
+def test_maximize_equals_minimizing_the_negated_loss(cls):
+    model_a, x, y = make_model()
+    model_b = copy.deepcopy(model_a)
+    opt_a = cls(model_a.parameters(), lr=1e-2, hypergrad_lr=1e-3, maximize=True)
+    opt_b = cls(model_b.parameters(), lr=1e-2, hypergrad_lr=1e-3)
+    train(model_a, opt_a, x, y, 10, sign=-1.0)
+    train(model_b, opt_b, x, y, 10)
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+    assert opt_a.adapted_lrs()[0].item() != 1e-2
+
+
+def test_one_global_alpha_for_every_tensor_and_group():
+    """The reference implementation updates α inside its per-tensor loop, so later tensors are
+    stepped with a different α. Here every tensor of every group moves by exactly -α_t g_t with
+    one α_t = α_{t-1} + β Σ_all g_t·g_{t-1}."""
+    model, x, y = make_model()
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    groups = [{"params": list(layers[0].parameters())},
+              {"params": list(layers[1].parameters()) + list(layers[2].parameters())}]
+    beta = 0.5
+    optimizer = SGDHD(groups, lr=0.05, hypergrad_lr=beta)
+    train(model, optimizer, x, y, 1)
+    previous = [p.grad.clone() for p in model.parameters()]
+    alpha_before = optimizer.adapted_lrs()[0]
+    optimizer.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    current = [p.grad.clone() for p in model.parameters()]
+    optimizer.step()
+    total = sum((g * h).sum() for g, h in zip(current, previous))
+    expected_alpha = alpha_before + beta * total
+    assert abs(total.item()) * beta > 1e-3 * alpha_before.item()  # the update is not negligible
+    for alpha in optimizer.adapted_lrs():
+        torch.testing.assert_close(alpha, expected_alpha, rtol=1e-14, atol=0)
+    for p, b, g in zip(model.parameters(), before, current):
+        torch.testing.assert_close(p.detach(), b - expected_alpha * g, rtol=1e-14, atol=1e-16)
+
+
+def test_group_scope_adapts_each_group_from_its_own_hypergradient():
+    model, x, y = make_model()
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    groups = [{"params": list(layers[0].parameters()), "lr": 0.02},
+              {"params": list(layers[1].parameters()) + list(layers[2].parameters())}]
+    optimizer = SGDHD(groups, lr=0.05, hypergrad_lr=0.5, hypergrad_scope="group")
+    train(model, optimizer, x, y, 1)
+    previous = [[p.grad.clone() for p in g["params"]] for g in groups]
+    alphas = optimizer.adapted_lrs()
+    optimizer.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    current = [[p.grad.clone() for p in g["params"]] for g in groups]
+    optimizer.step()
+    for alpha, before, now, prev in zip(optimizer.adapted_lrs(), alphas, current, previous):
+        dot = sum((a * b).sum() for a, b in zip(now, prev))
+        torch.testing.assert_close(alpha, before + 0.5 * dot, rtol=1e-14, atol=0)
+    assert optimizer.adapted_lrs()[0] != optimizer.adapted_lrs()[1]
+
+
+@pytest.mark.parametrize("cls,kwargs", [(AdamHD, {}), (AdamWHD, {}),
+                                        (SGDNHD, dict(momentum=0.9)), (SGDHD, {})])
+def test_checkpoint_mid_training_continues_identically(cls, kwargs):
+    model, x, y = make_model(torch.float32)
+    optimizer = cls(model.parameters(), lr=1e-2, hypergrad_lr=1e-3, **kwargs)
+    train(model, optimizer, x, y, 5)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    train(model, optimizer, x, y, 5)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    resumed, _, _ = make_model(torch.float32, seed=7)
+    resumed.load_state_dict(saved["model"])
+    optimizer2 = cls(resumed.parameters(), lr=123.0, hypergrad_lr=0.0, **kwargs)
+    optimizer2.load_state_dict(saved["optimizer"])
+    train(resumed, optimizer2, x, y, 5)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(optimizer.adapted_lrs()[0], optimizer2.adapted_lrs()[0])
+    assert optimizer.adapted_lrs()[0].item() != 1e-2
+
+
+def test_state_dict_is_a_snapshot():
+    model, x, y = make_model()
+    optimizer = AdamHD(model.parameters(), lr=1e-2, hypergrad_lr=1e-3)
+    train(model, optimizer, x, y, 3)
+    saved = optimizer.state_dict()
+    alpha = saved["param_groups"][0]["hd_state"]["lr"].clone()
+    train(model, optimizer, x, y, 3)
+    assert torch.equal(saved["param_groups"][0]["hd_state"]["lr"], alpha)
+    assert not torch.equal(optimizer.adapted_lrs()[0], alpha)
+
+
+def test_extra_state_buffers():
+    """Adam-HD keeps exactly torch.optim.Adam's state; SGD-HD one param-sized buffer."""
+    model, x, y = make_model()
+    adam_hd = AdamHD(model.parameters(), lr=1e-2)
+    train(model, adam_hd, x, y, 2)
+    reference = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train(model, reference, x, y, 1)
+    for p in model.parameters():
+        assert set(adam_hd.state[p]) == set(reference.state[p])
+    sgd_hd = SGDHD(model.parameters(), lr=1e-2)
+    train(model, sgd_hd, x, y, 2)
+    for p in model.parameters():
+        assert set(sgd_hd.state[p]) == {"hd_direction"}
+        assert sgd_hd.state[p]["hd_direction"].shape == p.shape
+
+
+@pytest.mark.parametrize("composition", ["scale", "reset"])
+def test_scheduler_composes_with_the_adapted_rate(composition):
+    """A scheduler's change of group['lr'] by a factor r multiplies α (``scale``) or sets α
+    (``reset``) before the next step; the trajectory equals the functional rule with α edited
+    the same way at that step."""
+    model, x, y = make_model()
+    optimizer = AdamHD(model.parameters(), lr=1e-2, hypergrad_lr=1e-3,
+                       scheduler_composition=composition)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    rule = hdfunc.adam_hd(1e-2, 1e-3)
+    state = rule.init(params)
+
+    def loss(p):
+        return ((functional_call(model, p, (x,)) - y) ** 2).mean()
+
+    for step in range(7):
+        if step in (3, 6):  # StepLR halves lr before these steps
+            node = hdfunc.find_lr_state(state)
+            new_lr = node.lr * 0.5 if composition == "scale" else torch.full_like(
+                node.lr, 1e-2 * 0.5 ** (step // 3))
+            state = hdfunc.freeze_lr(state, new_lr)
+            state = hdfunc.freeze_hypergrad_lr(state, torch.tensor(1e-3, dtype=torch.float64))
+        updates, state = rule.update(grad(loss)(params), state, params)
+        params = hdfunc.apply_updates(params, updates)
+        train(model, optimizer, x, y, 1)
+        scheduler.step()
+    torch.testing.assert_close(optimizer.adapted_lrs()[0], hdfunc.get_lr(state), rtol=1e-12,
+                               atol=0)
+    assert max_error(model, params) < 1e-13
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-3)
+
+
+def test_nonfinite_hypergradient_is_skipped_and_counted():
+    model, x, y = make_model()
+    optimizer = SGDHD(model.parameters(), lr=1e-2, hypergrad_lr=1e-2)
+    train(model, optimizer, x, y, 3)
+    alpha = optimizer.adapted_lrs()[0]
+    optimizer.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    first = next(model.parameters())
+    first.grad[0, 0] = float("inf")
+    optimizer.step()
+    stats = optimizer.hd_stats()[0]
+    assert torch.equal(optimizer.adapted_lrs()[0], alpha)
+    assert not torch.isfinite(stats["hypergrad"])
+    assert stats["skipped"].item() == 1 and stats["steps"].item() == 4
+
+    unguarded = SGDHD(model.parameters(), lr=1e-2, hypergrad_lr=1e-2, skip_nonfinite=False)
+    train(model, unguarded, x, y, 1)
+    with torch.no_grad():
+        first.grad[0, 0] = float("nan")
+    unguarded.step()
+    assert torch.isnan(unguarded.adapted_lrs()[0])  # the guard is what kept α finite above
+
+
+def test_lr_bounds_clamp_alpha():
+    model, x, y = make_model()
+    optimizer = SGDHD(model.parameters(), lr=1e-2, hypergrad_lr=100.0, lr_bounds=(1e-3, 2e-2))
+    train(model, optimizer, x, y, 4)
+    assert optimizer.adapted_lrs()[0].item() in (1e-3, 2e-2)
+
+
+def test_closure_and_zero_grad():
+    model, x, y = make_model()
+    twin = copy.deepcopy(model)
+    optimizer = AdamHD(model.parameters(), lr=1e-2, hypergrad_lr=1e-3)
+    reference = AdamHD(twin.parameters(), lr=1e-2, hypergrad_lr=1e-3)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(4):
+        loss = optimizer.step(closure)
+        assert torch.is_tensor(loss) and loss.requires_grad
+    train(twin, reference, x, y, 4)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_params_without_grad_are_left_alone():
+    model, x, y = make_model()
+    frozen = model[-1].weight
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    optimizer = SGDHD(model.parameters(), lr=1e-2, hypergrad_lr=1e-2)
+    train(model, optimizer, x, y, 3)
+    assert torch.equal(frozen, before) and frozen not in optimizer.state
+
+
+@pytest.mark.parametrize("bad,error", [
+    (dict(mode="sideways"), ValueError), (dict(hypergrad_lr=-1.0), ValueError),
+    (dict(hypergrad_scope="tensor"), ValueError), (dict(lr=torch.tensor(0.1)), TypeError),
+    (dict(nesterov=True), ValueError), (dict(lr_bounds=(1.0, 0.1)), ValueError),
+    (dict(scheduler_composition="add"), ValueError), (dict(fused=True, foreach=True), ValueError),
+])
+def test_bad_options_are_rejected(bad, error):
+    model, _, _ = make_model()
+    with pytest.raises(error):
+        SGDHD(model.parameters(), **{"lr": 1e-2, **bad})
+
+
+def test_bad_adam_betas_are_rejected():
+    model, _, _ = make_model()
+    with pytest.raises(ValueError, match="betas"):
+        AdamHD(model.parameters(), betas=(0.9, 1.5))
+
+
+@pytest.mark.parametrize("cls,kwargs", [(AdamHD, {}), (SGDHD, dict(foreach=True))])
+def test_compiled_step_matches_eager(cls, kwargs):
+    model, x, y = make_model(torch.float32)
+    twin = copy.deepcopy(model)
+    optimizer = cls(model.parameters(), lr=1e-2, hypergrad_lr=1e-3, **kwargs)
+    reference = cls(twin.parameters(), lr=1e-2, hypergrad_lr=1e-3, **kwargs)
+    compiled_step = torch.compile(optimizer.step)
+    for _ in range(3):
+        optimizer.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        compiled_step()
+    train(twin, reference, x, y, 3)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(optimizer.adapted_lrs()[0], reference.adapted_lrs()[0],
+                               rtol=1e-5, atol=0)

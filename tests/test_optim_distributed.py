@@ -1,0 +1,147 @@
+"""hdfunc.optim under torch.distributed: 2 CPU processes on gloo over loopback.
+
+* DDP (replicated params, averaged gradients): every rank holds the same α, equal to the
+  single-process run on the whole batch.
+* A ZeRO-style sharded optimizer (each rank owns a slice of the params; ``process_group`` sums the
+  hypergradient's dot products over ranks): the same α on every rank and the same trajectory as
+  the single-process optimizer over all params; without the reduction α would differ.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from hdfunc.optim import SGDHD, AdamHD
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 6
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4), nn.Tanh(),
+                          nn.Linear(4, 1)).double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(64, 1, generator=gen, dtype=torch.float64)
+    return model, x, y
+
+
+OPTIMIZERS = {"adam_hd": (AdamHD, dict(lr=1e-2, hypergrad_lr=1e-3)),
+              "sgd_hd": (SGDHD, dict(lr=1e-2, hypergrad_lr=1e-2)),
+              "sgd_hd_mult": (SGDHD, dict(lr=1e-2, hypergrad_lr=0.02, mode="multiplicative"))}
+
+
+def _single_process(name: str):
+    cls, kwargs = OPTIMIZERS[name]
+    model, x, y = _problem()
+    optimizer = cls(model.parameters(), **kwargs)
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()], optimizer.adapted_lrs()[0]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    results = {}
+    try:
+        for name, (cls, kwargs) in OPTIMIZERS.items():
+            # DDP: each rank a half of the batch; gradients averaged by DDP.
+            model, x, y = _problem()
+            ddp = nn.parallel.DistributedDataParallel(model)
+            optimizer = cls(ddp.parameters(), **kwargs)
+            half = slice(rank * 32, (rank + 1) * 32)
+            for _ in range(STEPS):
+                optimizer.zero_grad()
+                ((ddp(x[half]) - y[half]) ** 2).mean().backward()
+                optimizer.step()
+            results[f"ddp/{name}"] = ([p.detach().clone() for p in model.parameters()],
+                                      optimizer.adapted_lrs()[0])
+
+            # ZeRO-style: rank r owns params r, r+2, ...; grads all-reduced by hand, each rank
+            # steps its own shard, then owners broadcast their params.
+            for reduce in (True, False):
+                model, x, y = _problem()
+                params = list(model.parameters())
+                owner = [i % WORLD for i in range(len(params))]
+                mine = [p for p, o in zip(params, owner) if o == rank]
+                optimizer = cls(mine, process_group=dist.group.WORLD if reduce else None,
+                                **kwargs)
+                for _ in range(STEPS):
+                    optimizer.zero_grad()
+                    for p in params:
+                        p.grad = None
+                    ((model(x[half]) - y[half]) ** 2).mean().backward()
+                    for p in params:
+                        dist.all_reduce(p.grad)
+                        p.grad /= WORLD
+                    optimizer.step()
+                    with torch.no_grad():
+                        for p, o in zip(params, owner):
+                            dist.broadcast(p, src=o)
+                key = f"sharded/{name}" if reduce else f"sharded_local/{name}"
+                results[key] = ([p.detach().clone() for p in params], optimizer.adapted_lrs()[0])
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("hd_dist")
+    # the child processes import this module by name
+    tests_dir = str(Path(__file__).resolve().parent)
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_ddp_ranks_hold_identical_alpha_equal_to_single_process(distributed_results, name):
+    params0, alpha0 = distributed_results[0][f"ddp/{name}"]
+    params1, alpha1 = distributed_results[1][f"ddp/{name}"]
+    assert torch.equal(alpha0, alpha1)
+    for a, b in zip(params0, params1):
+        assert torch.equal(a, b)
+    reference_params, reference_alpha = _single_process(name)
+    torch.testing.assert_close(alpha0, reference_alpha, rtol=1e-12, atol=0)
+    for a, b in zip(params0, reference_params):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_sharded_optimizer_reduces_the_hypergradient(distributed_results, name):
+    params0, alpha0 = distributed_results[0][f"sharded/{name}"]
+    params1, alpha1 = distributed_results[1][f"sharded/{name}"]
+    assert torch.equal(alpha0, alpha1)
+    reference_params, reference_alpha = _single_process(name)
+    torch.testing.assert_close(alpha0, reference_alpha, rtol=1e-12, atol=0)
+    for a, b in zip(params0, reference_params):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    # without the reduction each rank adapts α from its own shard: the ranks disagree
+    local0 = distributed_results[0][f"sharded_local/{name}"][1]
+    local1 = distributed_results[1][f"sharded_local/{name}"][1]
+    assert not torch.allclose(local0, local1, rtol=1e-6, atol=0)
