@@ -1,0 +1,176 @@
+"""Benchmark: S seeds trained as one vmapped batch vs a Python loop over the same seeds.
+
+    .venv/bin/python benchmarks/bench_studies.py [--seeds 256] [--steps 30] [--device cpu]
+                                                 [--problems classification,logreg] [--no-compile]
+
+For each problem and optimizer it measures, each in a fresh subprocess (so peak memory is its own):
+
+* loop:     for each seed, a plain (unbatched) training loop: torch.func.grad + rule.update
+* batched:  all seeds at once, hdfunc.studies.BatchedTrainer (vmap over stacked params/states)
+* compiled: the same with torch.compile on the batched step (compile time reported apart)
+
+and prints a Markdown table: seeds·steps per second, speed-up over the loop, and peak memory
+(CPU: growth of the process's peak RSS over its resident size after set-up; CUDA: peak
+allocated). Timings exclude set-up and one warm-up step (the compile for ``compiled``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+THREADS: int | None = None
+
+
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def measure(mode: str, problem_name: str, optimizer: str, seeds: int, steps: int, device: str) -> dict:
+    import torch
+    from torch.func import functional_call, grad_and_value
+
+    import hdfunc
+    from hdfunc.studies import StudyConfig, make_problem, minibatch_indices
+    from hdfunc.studies.engine import BatchedTrainer, make_rule
+
+    options = {"classification": {"dim": 20, "classes": 5, "n_samples": 4096, "hidden": 32},
+               "quadratic": {"dim": 20, "n_samples": 4096}, "logreg": {}, "mlp": {"hidden": 100}}
+    config = StudyConfig(problem=problem_name, problem_options=options[problem_name],
+                         optimizers=[optimizer], seeds=seeds, steps=steps + 1, batch_size=128,
+                         device=device, compile=mode == "compiled", eval_final=False)
+    problem = make_problem(problem_name, **config.problem_options)
+    spec = config.optimizer_specs[0]
+    keys = tuple(config.runs())
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    result = {"mode": mode, "problem": problem_name, "optimizer": optimizer, "seeds": seeds,
+              "steps": steps, "threads": torch.get_num_threads(), "params": problem.num_parameters()}
+
+    if mode == "loop":
+        template = problem.template()
+        inputs, targets = problem.inputs.to(device), problem.targets.to(device)
+        rule = make_rule(spec, 1e-3, 1e-3 if spec.is_hd else 0.0, config)
+
+        def loss(params, x, y):
+            return problem.loss_fn(functional_call(template, params, (x,)), y)
+
+        def step(params, state, x, y):
+            grads, value = grad_and_value(loss)(params, x, y)
+            updates, state = rule.update(grads, state, params)
+            return hdfunc.apply_updates(params, updates), state, value
+
+        runs = []
+        for key in keys:
+            params = {k: v.to(device) for k, v in problem.init_params(key.seed).items()}
+            order = minibatch_indices(key.seed, 0, steps + 1, problem.num_examples, 128).to(device)
+            runs.append((params, rule.init(params), order))
+        baseline = rss_kib("VmRSS")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        params, state, order = runs[0]
+        step(params, state, inputs[order[0]], targets[order[0]])  # warm-up
+        sync()
+        start = time.perf_counter()
+        for params, state, order in runs:
+            for t in range(1, steps + 1):
+                params, state, value = step(params, state, inputs[order[t]], targets[order[t]])
+        sync()
+        elapsed = time.perf_counter() - start
+    else:
+        trainer = BatchedTrainer(problem, spec, config, device)
+        params, state = trainer.initial(keys)
+        seeds_list = [k.seed for k in keys]
+        orders = torch.stack([minibatch_indices(s, 0, steps + 1, problem.num_examples, 128)
+                              for s in seeds_list], dim=1).to(device)  # (steps+1, S, B)
+        inputs, targets = trainer.inputs, trainer.targets
+        baseline = rss_kib("VmRSS")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        with torch.no_grad():
+            params, state, _, _ = trainer._step(params, state, inputs[orders[0]], targets[orders[0]])
+        sync()
+        result["warmup_s"] = time.perf_counter() - start  # includes compilation
+        start = time.perf_counter()
+        with torch.no_grad():
+            for t in range(1, steps + 1):
+                params, state, _, _ = trainer._step(params, state, inputs[orders[t]], targets[orders[t]])
+        sync()
+        elapsed = time.perf_counter() - start
+    result["seconds"] = elapsed
+    result["seed_steps_per_s"] = seeds * steps / elapsed
+    result["peak_mib"] = ((torch.cuda.max_memory_allocated() / 2**20) if cuda
+                          else (rss_kib("VmHWM") - baseline) / 1024)
+    return result
+
+
+def run_child(*args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if THREADS:
+        env["OMP_NUM_THREADS"] = str(THREADS)
+    done = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True,
+                          text=True, env=env)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--loop-steps", type=int, default=None, help="steps per seed in the loop (default --steps)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--problems", default="classification,logreg")
+    parser.add_argument("--optimizers", default="sgd_hd,adam_hd")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        mode, problem, optimizer, seeds, steps, device = args.child
+        print(json.dumps(measure(mode, problem, optimizer, int(seeds), int(steps), device)))
+        return
+    global THREADS
+    THREADS = args.threads
+    modes = ["loop", "batched"] + ([] if args.no_compile else ["compiled"])
+    rows = []
+    print(f"load average before: {os.getloadavg()[0]:.2f}; cores: {os.cpu_count()}", file=sys.stderr)
+    for problem in args.problems.split(","):
+        for optimizer in args.optimizers.split(","):
+            loop_rate = None
+            for mode in modes:
+                steps = args.loop_steps or args.steps if mode == "loop" else args.steps
+                r = run_child(mode, problem, optimizer, str(args.seeds), str(steps), args.device)
+                r.update(mode=mode, problem=problem, optimizer=optimizer)
+                if "error" not in r and mode == "loop":
+                    loop_rate = r["seed_steps_per_s"]
+                rows.append((r, loop_rate))
+                print(json.dumps(r), file=sys.stderr)
+    print(f"\nS = {args.seeds} seeds, batch 128, device {args.device}, "
+          f"load average after: {os.getloadavg()[0]:.2f}\n")
+    print("| problem (params) | optimizer | mode | seeds·steps/s | speed-up vs loop | peak memory (MiB) | warm-up/compile (s) |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r, loop_rate in rows:
+        if "error" in r:
+            print(f"| {r['problem']} | {r['optimizer']} | {r['mode']} | failed: {r['error'][:80]} | | | |")
+            continue
+        speedup = f"{r['seed_steps_per_s'] / loop_rate:.1f}×" if loop_rate else "-"
+        warm = f"{r['warmup_s']:.1f}" if "warmup_s" in r else "-"
+        print(f"| {r['problem']} ({r['params']}) | {r['optimizer']} | {r['mode']} | "
+              f"{r['seed_steps_per_s']:.0f} | {speedup} | {r['peak_mib']:.0f} | {warm} |")
+
+
+if __name__ == "__main__":
+    main()

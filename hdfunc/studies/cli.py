@@ -1,0 +1,174 @@
+"""``hdfunc study``: run a batched multi-seed study from the command line or a TOML study file.
+
+    hdfunc study --problem logreg --optimizers sgd,sgd_hd,adam,adam_hd --lr0 1e-3 \\
+        --seeds 8 --steps 300 --out runs/quick
+    hdfunc study --config studies/quick_mnist.toml --out runs/quick [--resume]
+
+Command-line options override the study file. Under ``torchrun`` (WORLD_SIZE > 1) the seeds are
+sharded over the processes and the results merged into ``--out`` (see docs/studies.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hdfunc.studies.config import StudyConfig, parse_optimizer
+from hdfunc.studies.problems import PROBLEMS
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
+
+
+def _beta(text: str) -> Any:
+    """``1e-3,1e-4`` (every HD optimizer) or ``sgd_hd=1e-3,adam_hd=1e-7`` (per optimizer)."""
+    if "=" not in text:
+        return _floats(text)
+    table: dict[str, list[float]] = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"mix of per-optimizer and plain β in {text!r}")
+        name, value = item.split("=", 1)
+        table.setdefault(name.strip(), []).append(float(value))
+    return table
+
+
+def _seeds(text: str) -> Any:
+    """``8`` (seeds 0..7), ``0-15`` (a range) or ``3,5,7`` (a list)."""
+    try:
+        if "," in text:
+            return [int(x) for x in text.split(",") if x]
+        if "-" in text:
+            low, high = text.split("-", 1)
+            return list(range(int(low), int(high) + 1))
+        return int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"bad seeds {text!r}") from error
+
+
+def _optimizers(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    for name in names:
+        try:
+            parse_optimizer(name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+    return names
+
+
+def _option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"problem option must be key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    from hdfunc.studies.config import _parse_value
+    return key.strip(), _parse_value(value.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hdfunc study", description="Batched multi-seed optimizer studies with torch.func.vmap "
+        "(Baydin et al. 2018 settings by default: batch 128, weight decay 1e-4, momentum 0.9, "
+        "beta 1e-3 for SGD-HD/SGDN-HD and 1e-7 for Adam-HD).")
+    parser.add_argument("--config", type=Path, help="a TOML study file (options below override it)")
+    parser.add_argument("--out", type=Path, help="output folder (CSV, summary JSON, plots)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted study in --out")
+    parser.add_argument("--problem", choices=sorted(PROBLEMS), help="what to train")
+    parser.add_argument("--problem-option", "-P", type=_option, action="append", default=[],
+                        metavar="KEY=VALUE", help="problem option, e.g. -P hidden=100 -P data_dir=...")
+    parser.add_argument("--data-dir", help="dataset folder (same as -P data_dir=...)")
+    parser.add_argument("--optimizers", type=_optimizers,
+                        help="comma-separated rules, e.g. sgd,sgd_hd,adam,adam_hd or "
+                             "sgd_hd:mode=multiplicative")
+    parser.add_argument("--lr0", type=_floats, help="initial learning rates, e.g. 1e-1,1e-2,1e-3")
+    parser.add_argument("--beta", type=_beta, help="hypergradient rates: 1e-3,1e-4 or sgd_hd=1e-3,adam_hd=1e-7")
+    parser.add_argument("--seeds", type=_seeds, help="8 (seeds 0..7), 0-15 or 3,5,7")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--steps", type=int, help="iterations per run")
+    group.add_argument("--epochs", type=float, help="epochs per run")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--weight-decay", type=float)
+    parser.add_argument("--momentum", type=float)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=["float32", "float64"])
+    parser.add_argument("--chunk-size", type=int, help="runs trained at once (default: what fits)")
+    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the batched step")
+    parser.add_argument("--log-every", type=int, help="steps between CSV rows")
+    parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: by time)")
+    parser.add_argument("--name", help="study name shown in plots")
+    parser.add_argument("--no-plots", action="store_true", help="skip the figures")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+FIELDS = ("problem", "optimizers", "lr0", "beta", "seeds", "steps", "epochs", "batch_size",
+          "weight_decay", "momentum", "device", "dtype", "chunk_size", "compile", "log_every",
+          "checkpoint_every", "name")
+
+
+def config_from_args(args: argparse.Namespace) -> StudyConfig:
+    overrides = {f: getattr(args, f) for f in FIELDS if getattr(args, f) is not None}
+    if args.steps is not None:
+        overrides["epochs"] = None
+    if args.epochs is not None:
+        overrides["steps"] = None
+    if args.config is not None:
+        base = StudyConfig.from_toml(args.config).to_dict()
+    else:
+        base = {}
+        if "steps" not in overrides and "epochs" not in overrides:
+            overrides["steps"] = 200
+    options = dict(base.get("problem_options", {}))
+    if overrides.get("problem") not in (None, base.get("problem")):
+        options = {}  # options of another problem do not carry over
+    options.update(dict(args.problem_option))
+    if args.data_dir:
+        options["data_dir"] = args.data_dir
+    return StudyConfig.from_dict({**base, **overrides, "problem_options": options})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from hdfunc.studies.data import DatasetError
+    try:
+        config = config_from_args(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        parser.error(str(error))
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out (the folder of the study to continue)")
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from hdfunc.studies.distributed import run_distributed
+            if args.out is None:
+                parser.error("a distributed study needs --out")
+            results = run_distributed(config, args.out, resume=args.resume,
+                                      progress=not args.quiet, plots=not args.no_plots)
+        else:
+            from hdfunc.studies.engine import run_study
+            results = run_study(config, args.out, resume=args.resume, progress=not args.quiet,
+                                plots=not args.no_plots)
+    except (DatasetError, FileExistsError, ValueError, TypeError) as error:
+        print(f"hdfunc study: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        where = f"; continue with --resume --out {args.out}" if args.out else ""
+        print(f"\nhdfunc study: interrupted{where}", file=sys.stderr)
+        return 130
+    if results is not None:
+        print(f"\n{results.problem}\n")
+        print(results.summary_table())
+        if args.out is not None:
+            print(f"\nresults in {args.out}/ (steps.csv, summary.json"
+                  f"{', plots/' if not args.no_plots else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,269 @@
+"""Study configuration: what to train, with which optimizers, rates and seeds.
+
+A study is the product  optimizers × α_0 values × β values × seeds; each element is one *run*
+(one independent training trajectory). Base optimizers have no β: their runs carry ``beta = 0``.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import hdfunc
+
+#: The paper's β for each HD rule (β = 1e-3 for the SGD family, 1e-7 for Adam; §4).
+PAPER_BETA = {"sgd_hd": 1e-3, "sgdn_hd": 1e-3, "adam_hd": 1e-7, "adamw_hd": 1e-7}
+BASE_OF = {hd: base for base, hd in hdfunc.HD_OF.items()}
+#: Options of the study that do not change its numbers (free to change on --resume).
+RUNTIME_FIELDS = ("device", "compile", "checkpoint_every", "checkpoint_seconds", "chunk_size")
+
+
+class RunKey(NamedTuple):
+    """One run of a study: optimizer label, α_0, β (0 for base optimizers) and seed."""
+
+    optimizer: str
+    lr0: float
+    beta: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A rule of :data:`hdfunc.RULES` plus extra keyword options (e.g. HD variants), shown as
+    ``label``. Written ``"sgd_hd"`` or ``"sgd_hd:mode=multiplicative:lr_granularity=tensor"``
+    on the command line, or ``{name = "sgd_hd", mode = "multiplicative"}`` in a study file."""
+
+    name: str
+    options: tuple = ()  # sorted (key, value) pairs
+    label: str = ""
+
+    @property
+    def is_hd(self) -> bool:
+        return self.name in BASE_OF
+
+    @property
+    def base_name(self) -> str:
+        return BASE_OF.get(self.name, self.name)
+
+    def kwargs(self) -> dict:
+        return dict(self.options)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "label": self.label, **self.kwargs()}
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.startswith("(") and text.endswith(")"):
+        return tuple(_parse_value(x.strip()) for x in text[1:-1].split(",") if x.strip())
+    return text
+
+
+def parse_optimizer(spec: str | dict | OptimizerSpec) -> OptimizerSpec:
+    """An :class:`OptimizerSpec` from ``"name[:key=value...]"`` or a dict with ``name``."""
+    if isinstance(spec, OptimizerSpec):
+        return spec
+    if isinstance(spec, str):
+        name, *items = [part.strip() for part in spec.split(":")]
+        options = {}
+        for item in items:
+            if "=" not in item:
+                raise ValueError(f"optimizer option {item!r} in {spec!r} must be key=value")
+            key, value = item.split("=", 1)
+            options[key.strip()] = _parse_value(value.strip())
+        label = spec.strip()
+    elif isinstance(spec, dict):
+        if "name" not in spec:
+            raise ValueError(f"an optimizer given as a table needs a 'name', got {spec}")
+        options = {k: v for k, v in spec.items() if k not in ("name", "label")}
+        name = spec["name"]
+        label = spec.get("label") or ":".join([name] + [f"{k}={v}" for k, v in sorted(options.items())])
+    else:
+        raise TypeError(f"an optimizer must be a string or a table, got {type(spec).__name__}")
+    if name not in hdfunc.RULES:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(hdfunc.RULES)}")
+    for key in ("lr", "hypergrad_lr"):
+        if key in options:
+            raise ValueError(f"optimizer {label!r}: set {key} through the study's lr0/beta, "
+                             f"not as an optimizer option")
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    return OptimizerSpec(name, tuple(sorted(options.items())), label)
+
+
+@dataclass
+class StudyConfig:
+    """Everything that defines a study. Defaults are the paper's settings (batch 128, L2 weight
+    decay 1e-4, μ = 0.9, α_0 = 1e-3, β = 1e-3 for SGD-HD/SGDN-HD and 1e-7 for Adam-HD) on the
+    built-in synthetic classification problem."""
+
+    problem: str = "classification"
+    problem_options: dict = field(default_factory=dict)
+    optimizers: list = field(default_factory=lambda: ["sgd", "sgd_hd", "adam", "adam_hd"])
+    lr0: list = field(default_factory=lambda: [1e-3])
+    #: β values for every HD optimizer (a list), per optimizer label (a dict of lists), or None
+    #: for the paper's value of each HD rule (:data:`PAPER_BETA`).
+    beta: Any = None
+    seeds: Any = 8  # an int n (seeds 0..n-1) or a list of ints
+    steps: int | None = None
+    epochs: float | None = None  # alternative to steps: epochs × ⌊N / batch_size⌋ steps
+    batch_size: int = 128
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    device: str = "cpu"
+    dtype: str = "float32"
+    chunk_size: int | None = None  # runs trained at once; None: as many as fit in memory
+    compile: bool = False  # torch.compile the batched step
+    eval_final: bool = True  # final loss over the whole training set (else: last minibatch)
+    log_every: int = 1  # steps between rows of the CSV (the first and last step always)
+    checkpoint_every: int = 0  # steps between mid-chunk checkpoints; 0: every checkpoint_seconds
+    checkpoint_seconds: float = 60.0
+    name: str = "study"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --------------------------------------------------------------------- derived values
+
+    @property
+    def optimizer_specs(self) -> list[OptimizerSpec]:
+        return [parse_optimizer(o) for o in self.optimizers]
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    def betas_for(self, spec: OptimizerSpec) -> list[float]:
+        if not spec.is_hd:
+            return [0.0]
+        if self.beta is None:
+            return [PAPER_BETA[spec.name]]
+        if isinstance(self.beta, dict):
+            value = self.beta.get(spec.label, self.beta.get(spec.name, PAPER_BETA[spec.name]))
+            return [float(b) for b in (value if isinstance(value, (list, tuple)) else [value])]
+        return [float(b) for b in self.beta]
+
+    def runs(self) -> list[RunKey]:
+        """All runs in canonical order: optimizer, α_0, β, seed (as listed in the config)."""
+        return [RunKey(spec.label, float(lr0), beta, seed)
+                for spec in self.optimizer_specs for lr0 in self.lr0
+                for beta in self.betas_for(spec) for seed in self.seed_list]
+
+    def num_steps(self, num_examples: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * (num_examples // self.batch_size)))
+
+    def identity(self) -> dict:
+        """The fields that determine the study's numbers (compared on --resume)."""
+        data = self.to_dict()
+        for key in RUNTIME_FIELDS:
+            data.pop(key)
+        return data
+
+    # --------------------------------------------------------------------- (de)serialisation
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["optimizers"] = [o if isinstance(o, str) else dict(o) for o in self.optimizers]
+        data["lr0"] = [float(x) for x in self.lr0]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StudyConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown study setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> "StudyConfig":
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"study file {path} not found") from error
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"study file {path} is not valid TOML: {error}") from error
+        if isinstance(data.get("study"), dict):  # settings may also sit in a [study] table
+            data = {**data.pop("study"), **data}
+        return cls.from_dict({**data, **overrides})
+
+    # --------------------------------------------------------------------- validation
+
+    def validate(self) -> None:
+        if not isinstance(self.problem, str):
+            raise TypeError(f"problem must be a name, got {self.problem!r}")
+        if not isinstance(self.problem_options, dict):
+            raise TypeError("problem_options must be a table/dict")
+        if isinstance(self.optimizers, (str, dict)):
+            self.optimizers = [self.optimizers]
+        if not self.optimizers:
+            raise ValueError("optimizers must name at least one optimizer")
+        specs = [parse_optimizer(o) for o in self.optimizers]
+        labels = [s.label for s in specs]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"optimizer labels must be distinct, got {labels}")
+        if isinstance(self.lr0, (int, float)):
+            self.lr0 = [self.lr0]
+        if not self.lr0 or any(not isinstance(x, (int, float)) or not x > 0 or not math.isfinite(x)
+                               for x in self.lr0):
+            raise ValueError(f"lr0 must be a non-empty list of positive finite numbers, got {self.lr0}")
+        if self.beta is not None:
+            if isinstance(self.beta, (int, float)):
+                self.beta = [self.beta]
+            values = (self.beta.values() if isinstance(self.beta, dict) else [self.beta])
+            for value in values:
+                items = value if isinstance(value, (list, tuple)) else [value]
+                if not items or any(not isinstance(b, (int, float)) or b < 0 for b in items):
+                    raise ValueError(f"beta values must be non-negative numbers, got {self.beta}")
+        seeds = self.seeds
+        if isinstance(seeds, bool) or not (isinstance(seeds, int) and seeds > 0 or
+                                           isinstance(seeds, (list, tuple)) and seeds and
+                                           all(isinstance(s, int) and s >= 0 for s in seeds)):
+            raise ValueError(f"seeds must be a positive count or a list of non-negative ints, got {seeds!r}")
+        if isinstance(seeds, (list, tuple)):
+            if len(set(seeds)) != len(seeds):
+                raise ValueError(f"seeds must be distinct, got {seeds}")
+            self.seeds = list(seeds)
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of steps and epochs")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs!r}")
+        for name in ("batch_size", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {self.chunk_size!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if not self.weight_decay >= 0 or not 0 <= self.momentum < 1:
+            raise ValueError("weight_decay must be >= 0 and momentum in [0, 1)")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be a non-negative integer")
+
+
+def demo_config(**changes: Any) -> StudyConfig:
+    """A study that needs no data and finishes in seconds on a CPU: 8 seeds × SGD, SGD-HD, Adam,
+    Adam-HD at the paper's α_0 = 1e-3 on synthetic 5-class classification, 100 iterations."""
+    settings = dict(name="demo", problem="classification", problem_options={"n_samples": 1024},
+                    optimizers=["sgd", "sgd_hd", "adam", "adam_hd"], lr0=[1e-3], seeds=8,
+                    steps=100)
+    settings.update(changes)
+    return StudyConfig(**settings)

@@ -1,0 +1,186 @@
+"""Datasets for studies: MNIST (IDX files, plain or .gz) and CIFAR-10 (python batches).
+
+Both are returned as in-memory tensors ``(inputs, labels)`` normalised as in the paper's reference
+code (torchvision ``ToTensor`` then ``Normalize`` with the usual per-channel mean and std), so a
+whole study indexes minibatches out of one tensor on its device.
+
+The MNIST folder defaults to ``../shared/data/mnist`` next to the repository (the 10k MNIST *test*
+images are there in this workspace), overridable with the environment variable
+``HDFUNC_MNIST_DIR`` or an explicit ``data_dir``. CIFAR-10 defaults to ``HDFUNC_CIFAR10_DIR``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+class DatasetError(FileNotFoundError):
+    """A dataset is missing or unreadable; the message says where the files were looked for."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An in-memory labelled dataset; ``description`` says which files it came from."""
+
+    inputs: torch.Tensor  # float32, (N, ...)
+    labels: torch.Tensor  # int64, (N,)
+    name: str
+    description: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def repository_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def default_mnist_dir() -> Path:
+    """``$HDFUNC_MNIST_DIR``, else ``../shared/data/mnist`` relative to the repository root."""
+    env = os.environ.get("HDFUNC_MNIST_DIR")
+    return Path(env) if env else repository_root().parent / "shared" / "data" / "mnist"
+
+
+def default_cifar10_dir() -> Path:
+    """``$HDFUNC_CIFAR10_DIR``, else ``../shared/data/cifar10`` relative to the repository root."""
+    env = os.environ.get("HDFUNC_CIFAR10_DIR")
+    return Path(env) if env else repository_root().parent / "shared" / "data" / "cifar10"
+
+
+def mnist_available(data_dir: str | Path | None = None) -> bool:
+    """Whether a readable pair of MNIST IDX files exists in ``data_dir`` (default folder if None)."""
+    folder = Path(data_dir) if data_dir is not None else default_mnist_dir()
+    return any(_find(folder, images) and _find(folder, labels)
+               for images, labels in MNIST_FILES.values())
+
+
+# ----------------------------------------------------------------------------- IDX
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format; gzip-compressed when the name ends in .gz)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as error:
+        raise DatasetError(f"cannot read IDX file {path}: {error}") from error
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
+        raise DatasetError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
+    dtype = np.dtype(IDX_DTYPES[data[2]])
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise DatasetError(f"{path}: IDX payload has {len(data) - header} bytes, its header "
+                           f"promises {expected} for shape {shape} (corrupt or truncated file)")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_mnist(data_dir: str | Path | None = None, split: str = "auto",
+               download: bool = False) -> Dataset:
+    """MNIST as ``(N, 784)`` float32 inputs normalised with mean 0.1307 / std 0.3081 and int64
+    labels. ``split``: "train" (60k), "test" (10k) or "auto" (train if present, else test).
+    With ``download=True`` and torchvision installed, missing files are downloaded first."""
+    if split not in ("auto", "train", "test"):
+        raise ValueError(f"split must be 'auto', 'train' or 'test', got {split!r}")
+    folder = Path(data_dir) if data_dir is not None else default_mnist_dir()
+    if download:
+        _torchvision_download("MNIST", folder, train=split != "test")
+        raw = folder / "MNIST" / "raw"
+        if raw.is_dir() and not mnist_available(folder):
+            folder = raw
+    splits = ["train", "test"] if split == "auto" else [split]
+    for name in splits:
+        images_stem, labels_stem = MNIST_FILES[name]
+        images_path, labels_path = _find(folder, images_stem), _find(folder, labels_stem)
+        if images_path is None or labels_path is None:
+            continue
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise DatasetError(f"MNIST files in {folder} disagree: images {images.shape}, "
+                               f"labels {labels.shape}")
+        inputs = torch.from_numpy(images.reshape(images.shape[0], -1).astype(np.float32) / 255.0)
+        inputs = (inputs - MNIST_MEAN) / MNIST_STD
+        return Dataset(inputs, torch.from_numpy(labels.astype(np.int64)), f"mnist-{name}",
+                       f"MNIST {name} split, {images.shape[0]} images from {images_path}")
+    wanted = " or ".join(f"{MNIST_FILES[s][0]}[.gz] + {MNIST_FILES[s][1]}[.gz]" for s in splits)
+    raise DatasetError(f"MNIST not found: looked for {wanted} in {folder.resolve()} "
+                       f"(set data_dir, --data-dir or HDFUNC_MNIST_DIR to the folder holding them)")
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+
+def load_cifar10(data_dir: str | Path | None = None, split: str = "train",
+                 download: bool = False) -> Dataset:
+    """CIFAR-10 from the python batches (``data_batch_1..5``, ``test_batch``) as ``(N, 3, 32, 32)``
+    float32 normalised per channel, with int64 labels. ``data_dir`` may be the folder holding the
+    batches or its parent holding ``cifar-10-batches-py``."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    folder = Path(data_dir) if data_dir is not None else default_cifar10_dir()
+    if download:
+        _torchvision_download("CIFAR10", folder, train=split == "train")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    candidates = [folder, folder / "cifar-10-batches-py"]
+    for candidate in candidates:
+        if all((candidate / n).is_file() for n in names):
+            break
+    else:
+        raise DatasetError(f"CIFAR-10 {split} batches ({', '.join(names)}) not found in "
+                           f"{' or '.join(str(c.resolve()) for c in candidates)} (set data_dir, "
+                           f"--data-dir or HDFUNC_CIFAR10_DIR, or pass download=True with torchvision)")
+    images, labels = [], []
+    for n in names:
+        try:
+            with open(candidate / n, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise DatasetError(f"cannot read CIFAR-10 batch {candidate / n}: {error}") from error
+    x = torch.from_numpy(np.concatenate(images).astype(np.float32) / 255.0)
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    return Dataset((x - mean) / std, torch.from_numpy(np.concatenate(labels)), f"cifar10-{split}",
+                   f"CIFAR-10 {split} split, {x.shape[0]} images from {candidate}")
+
+
+def _torchvision_download(name: str, folder: Path, train: bool) -> None:
+    try:
+        import torchvision.datasets as datasets
+    except ImportError as error:
+        raise DatasetError(f"download=True needs torchvision, which is not installed; put the "
+                           f"{name} files in {folder} instead") from error
+    getattr(datasets, name)(str(folder), train=train, download=True)

@@ -1,0 +1,225 @@
+"""Training problems for studies: the paper's models as ``torch.nn`` modules plus data.
+
+A :class:`Problem` holds a dataset (in-memory tensors) and a constructor for a ``torch.nn``
+model. The engine builds one model per seed (under that seed's RNG), stacks their parameters with
+``torch.func.stack_module_state`` and calls the model functionally (``torch.func.functional_call``)
+on a parameter-free copy, so S independent models train as one batched computation.
+
+Problems (``make_problem(name, **options)``):
+
+* ``logreg``  multinomial logistic regression on MNIST (784 → 10)                 (paper §4.1)
+* ``mlp``     MLP on MNIST, two hidden ReLU layers of ``hidden`` = 1000 units       (paper §4.2)
+* ``vgg``     VGG-style CNN on CIFAR-10 (``config`` "vgg16" or "vgg11", channel widths divided
+  by ``width_divisor``; no batch norm — see docs/studies.md)                        (paper §4.3)
+* ``quadratic``  synthetic least squares ½(xᵀw - y)² with ill-conditioned features (no data needed)
+* ``classification``  synthetic Gaussian-cluster classification, linear or MLP (no data needed)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hdfunc.studies import data as datasets
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Problem:
+    """A dataset plus a model constructor and a loss ``loss_fn(outputs, targets) -> scalar``."""
+
+    name: str
+    build_model: Callable[[], nn.Module]
+    loss_fn: LossFn
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    description: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.targets.shape[0])
+
+    def init_params(self, seed: int) -> dict[str, torch.Tensor]:
+        """The initial parameters of seed ``seed``: the model's own initialisation, drawn on the
+        CPU under ``torch.manual_seed(seed)`` (so the same on every device) without touching the
+        caller's RNG state."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self.build_model()
+        _check_no_buffers(model, self.name)
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def template(self) -> nn.Module:
+        """A parameter-free copy of the model (on the meta device) for ``functional_call``."""
+        with torch.random.fork_rng(devices=[]):
+            return self.build_model().to("meta")
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.template().parameters())
+
+
+def _check_no_buffers(model: nn.Module, name: str) -> None:
+    buffers = [n for n, _ in model.named_buffers()]
+    if buffers:
+        raise ValueError(f"problem {name!r}: models with buffers ({buffers}) are not supported "
+                         f"(their in-place updates do not batch over seeds)")
+
+
+def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets)
+
+
+def _half_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (outputs.squeeze(-1) - targets).pow(2).mean()
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """Linear layers of the given sizes with ReLU between them (a single Linear if two sizes)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+VGG_CONFIGS = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+              512, 512, 512, "M"],
+}
+
+
+def vgg(config: str = "vgg16", width_divisor: int = 1, num_classes: int = 10) -> nn.Sequential:
+    """A VGG-style CNN for 32×32 RGB images: 3×3 conv + ReLU blocks and 2×2 max pools, then a
+    linear classifier (the CIFAR-10 VGG of the paper's reference code, without batch norm)."""
+    if config not in VGG_CONFIGS:
+        raise ValueError(f"vgg config must be one of {sorted(VGG_CONFIGS)}, got {config!r}")
+    if not isinstance(width_divisor, int) or width_divisor < 1:
+        raise ValueError(f"width_divisor must be a positive integer, got {width_divisor!r}")
+    layers: list[nn.Module] = []
+    channels = 3
+    for item in VGG_CONFIGS[config]:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            width = max(1, int(item) // width_divisor)
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+            channels = width
+    layers += [nn.Flatten(), nn.Linear(channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+# ----------------------------------------------------------------------------- problems
+
+
+def logreg(data_dir: str | None = None, split: str = "auto", limit: int | None = None,
+           download: bool = False) -> Problem:
+    dataset = _limited(datasets.load_mnist(data_dir, split, download), limit)
+    return Problem("logreg", lambda: mlp([784, 10]), _cross_entropy, dataset.inputs,
+                   dataset.labels, f"logistic regression on {dataset.description}",
+                   {"data_dir": data_dir, "split": split, "limit": limit})
+
+
+def mnist_mlp(hidden: int = 1000, data_dir: str | None = None, split: str = "auto",
+              limit: int | None = None, download: bool = False) -> Problem:
+    _positive("hidden", hidden)
+    dataset = _limited(datasets.load_mnist(data_dir, split, download), limit)
+    return Problem("mlp", lambda: mlp([784, hidden, hidden, 10]), _cross_entropy, dataset.inputs,
+                   dataset.labels, f"MLP 784-{hidden}-{hidden}-10 (ReLU) on {dataset.description}",
+                   {"hidden": hidden, "data_dir": data_dir, "split": split, "limit": limit})
+
+
+def cifar_vgg(config: str = "vgg16", width_divisor: int = 1, data_dir: str | None = None,
+              split: str = "train", limit: int | None = None, download: bool = False) -> Problem:
+    vgg(config, width_divisor)  # validates the options before loading data
+    dataset = _limited(datasets.load_cifar10(data_dir, split, download), limit)
+    return Problem("vgg", lambda: vgg(config, width_divisor), _cross_entropy, dataset.inputs,
+                   dataset.labels, f"{config} (widths /{width_divisor}) on {dataset.description}",
+                   {"config": config, "width_divisor": width_divisor, "data_dir": data_dir,
+                    "split": split, "limit": limit})
+
+
+def quadratic(dim: int = 20, n_samples: int = 2048, condition: float = 100.0, noise: float = 0.1,
+              data_seed: int = 0) -> Problem:
+    """Least squares ½ mean (xᵀw + b - y)² on synthetic features whose scales spread over
+    √condition (so the Hessian's condition number is about ``condition``)."""
+    _positive("dim", dim)
+    _positive("n_samples", n_samples)
+    if not condition >= 1:
+        raise ValueError(f"condition must be >= 1, got {condition}")
+    g = torch.Generator().manual_seed(data_seed)
+    scales = torch.logspace(0, -0.5 * math.log10(condition), dim)
+    x = torch.randn(n_samples, dim, generator=g) * scales
+    w_true = torch.randn(dim, generator=g)
+    y = x @ w_true + noise * torch.randn(n_samples, generator=g)
+    return Problem("quadratic", lambda: nn.Linear(dim, 1), _half_squared_error, x, y,
+                   f"synthetic least squares, {n_samples}×{dim}, condition ≈ {condition:g}",
+                   {"dim": dim, "n_samples": n_samples, "condition": condition, "noise": noise,
+                    "data_seed": data_seed})
+
+
+def classification(dim: int = 20, classes: int = 5, n_samples: int = 2048, hidden: int = 0,
+                   separation: float = 1.0, data_seed: int = 0) -> Problem:
+    """Synthetic classification: Gaussian clusters (unit variance) around class means drawn with
+    scale ``separation``; a linear model (``hidden=0``) or an MLP with one hidden ReLU layer."""
+    _positive("dim", dim)
+    _positive("n_samples", n_samples)
+    if classes < 2:
+        raise ValueError(f"classes must be >= 2, got {classes}")
+    if hidden < 0:
+        raise ValueError(f"hidden must be >= 0, got {hidden}")
+    g = torch.Generator().manual_seed(data_seed)
+    means = separation * torch.randn(classes, dim, generator=g)
+    y = torch.randint(0, classes, (n_samples,), generator=g)
+    x = means[y] + torch.randn(n_samples, dim, generator=g)
+    sizes = [dim, hidden, classes] if hidden else [dim, classes]
+    return Problem("classification", lambda: mlp(sizes), _cross_entropy, x, y,
+                   f"synthetic {classes}-class Gaussian clusters, {n_samples}×{dim}, "
+                   f"model {'-'.join(map(str, sizes))}",
+                   {"dim": dim, "classes": classes, "n_samples": n_samples, "hidden": hidden,
+                    "separation": separation, "data_seed": data_seed})
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _limited(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    if limit is None:
+        return dataset
+    _positive("limit", limit)
+    return datasets.Dataset(dataset.inputs[:limit], dataset.labels[:limit], dataset.name,
+                            f"{dataset.description} (first {min(limit, len(dataset))})")
+
+
+PROBLEMS: dict[str, Callable[..., Problem]] = {
+    "logreg": logreg,
+    "mlp": mnist_mlp,
+    "vgg": cifar_vgg,
+    "quadratic": quadratic,
+    "classification": classification,
+}
+
+
+def make_problem(name: str, **options: Any) -> Problem:
+    """Build problem ``name`` (one of :data:`PROBLEMS`) with its keyword ``options``."""
+    if name not in PROBLEMS:
+        raise ValueError(f"unknown problem {name!r}; choose one of {sorted(PROBLEMS)}")
+    import inspect
+    allowed = list(inspect.signature(PROBLEMS[name]).parameters)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for problem {name!r}; allowed: {allowed}")
+    return PROBLEMS[name](**options)

@@ -1,0 +1,125 @@
+"""Interrupted studies resume without recomputing and end exactly where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hdfunc.studies import StudyConfig, run_study
+from hdfunc.studies.engine import BatchedTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny problems run fastest (and steadiest on a shared CPU) on one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(**changes) -> StudyConfig:
+    base = dict(problem="classification",
+                problem_options={"dim": 8, "classes": 4, "n_samples": 256, "hidden": 16},
+                optimizers=["sgd", "sgd_hd"], lr0=[1e-2, 1e-3], seeds=3, steps=30, batch_size=32,
+                chunk_size=3, checkpoint_every=5)
+    base.update(changes)
+    return StudyConfig(**base)
+
+
+def outputs(folder: Path) -> tuple[str, list]:
+    summary = json.loads((folder / "summary.json").read_text())
+    return (folder / "steps.csv").read_text(), summary["runs"], summary["statistics"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_mid_chunk(tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    run_study(config(), reference, progress=False, plots=False)
+
+    calls = {"n": 0}
+    original = BatchedTrainer._make_step
+
+    def failing_make_step(self):
+        step = original(self)
+
+        def counted(*args):
+            calls["n"] += 1
+            if calls["n"] == 30 + 30 + 17:  # two chunks done, third at step 17 (checkpoint at 15)
+                raise Interrupt
+            return step(*args)
+        return counted
+
+    monkeypatch.setattr(BatchedTrainer, "_make_step", failing_make_step)
+    out = tmp_path / "interrupted"
+    with pytest.raises(Interrupt):
+        run_study(config(), out, progress=False, plots=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed_chunks"] == ["0000", "0001"] and not summary["complete"]
+    assert (out / "checkpoints" / "chunk-0002.pt").is_file()
+    with open(out / "steps.csv", "a") as f:  # a torn write after the last summary is cut off
+        f.write("sgd,0.001,0.0,9,1,0.5")
+
+    monkeypatch.setattr(BatchedTrainer, "_make_step", original)
+    steps_before = calls["n"]
+    monkeypatch.setattr(BatchedTrainer, "_make_step", failing_make_step)
+    calls["n"] = -10**9  # never fail again; count the steps the resumed study trains
+    run_study(config(), out, resume=True, progress=False, plots=False)
+    resumed_steps = calls["n"] + 10**9
+    assert resumed_steps == (30 - 15) + 30  # the rest of chunk 2 and chunk 3 only
+    assert steps_before == 77
+    assert outputs(out) == outputs(reference)
+    assert not list((out / "checkpoints").glob("*.pt"))
+
+
+def test_resume_after_kill(tmp_path):
+    """SIGKILL a running ``hdfunc study`` mid-way, then --resume: identical final results."""
+    cfg = config(steps=80, checkpoint_every=10, seeds=4, chunk_size=4)
+    study = tmp_path / "study.toml"
+    study.write_text(
+        'problem = "classification"\noptimizers = ["sgd", "sgd_hd"]\nlr0 = [1e-2, 1e-3]\n'
+        'seeds = 4\nsteps = 80\nbatch_size = 32\nchunk_size = 4\ncheckpoint_every = 10\n'
+        '[problem_options]\ndim = 8\nclasses = 4\nn_samples = 256\nhidden = 16\n')
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "hdfunc", "study", "--config", str(study), "--out", str(out),
+               "--quiet", "--no-plots"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    killed = False
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        summary_path = out / "summary.json"
+        if summary_path.is_file():
+            try:
+                done = json.loads(summary_path.read_text())["completed_chunks"]
+            except (json.JSONDecodeError, KeyError):
+                done = []
+            if done and list((out / "checkpoints").glob("*.pt")):
+                process.send_signal(signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.05)
+    process.wait(timeout=60)
+    assert killed, f"the study ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
+    assert not json.loads((out / "summary.json").read_text())["complete"]
+
+    resumed = subprocess.run(command + ["--resume"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference = tmp_path / "reference"
+    run_study(cfg, reference, progress=False, plots=False)
+    assert outputs(out) == outputs(reference)
