@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -65,6 +66,16 @@ def assert_all_pass(outcomes):
     failures = [o.message for o in outcomes if o.failed]
     assert not failures, "\n".join(failures)
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The problems are tiny: one intra-op thread is much faster than several contending ones
+    (as in ``verification.run``); restored after this module."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 @PROFILE
 @given(problems(dtypes=(torch.float64, torch.float32)), rules(), st.integers(2, 8))
@@ -135,3 +146,21 @@ def test_profiles_are_registered():
     assert settings.get_profile("ci").max_examples <= 30
     assert settings.get_profile("dev").max_examples > settings.get_profile("ci").max_examples
     assert math.isfinite(PROFILE.max_examples)
+
+
+@PROFILE
+@given(problems(), st.sampled_from(["sgd_hd_wrong_sign", "sgd_hd_stale_gradient",
+                                    "adam_hd_grad_dot_grad", "adam_hd_bias_correction"]),
+       st.integers(3, 6))
+def test_planted_errors_fail_on_random_problems(problem, bug, t):
+    """The suite is not blind on some problems: every planted error fails the one-step
+    identity on every random quadratic, at every step, by a relative error of order one."""
+    import verification_planted_rules as planted
+    from verification.catalog import user_spec
+
+    spec = user_spec(getattr(planted, bug))
+    case = C.make_case(spec, problem, t)
+    outcomes = C.check_one_step(case, t, methods=(C.REVERSE, C.FORWARD))
+    assert outcomes and all(o.failed and o.max_rel_err > 1e-3 for o in outcomes), [
+        (o.method, o.max_rel_err) for o in outcomes]
+    assert all(bug in o.message and "quadratic" in o.message for o in outcomes)

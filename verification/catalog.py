@@ -57,6 +57,7 @@ class RuleSpec:
     torch_optimizer: Optional[Callable[[list, float], torch.optim.Optimizer]] = None
     notes: str = ""
     l2: float = 0.0  # coupled weight decay the rule adds to g: it minimises f + ½λ‖θ‖²
+    smooth: bool = True  # False: piecewise smooth over several steps (see NONSMOOTH)
 
     def objective(self, loss: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
         """The function the rule's hypergradient differentiates: the loss plus the rule's
@@ -122,7 +123,20 @@ BASES: dict[str, tuple[Callable[..., Any], Callable[[float], Any], Callable[[lis
                                                      name="adagrad_hd", **o),
                    lambda lr: hdfunc.base_rule(hdfunc.scale_by_adagrad(1e-10), lr, name="adagrad"),
                    lambda ps, lr: torch.optim.Adagrad(ps, lr=lr, eps=1e-10)),
+    # Lion: torch has no Lion optimizer to compare with (None), and its direction is the sign
+    # of a gradient average: piecewise constant, so only the one-step checks apply (NONSMOOTH).
+    "lion_hd": (lambda lr, b, **o: hdfunc.hd_rule(hdfunc.scale_by_lion(), lr, b,
+                                                  name="lion_hd", **o),
+                lambda lr: hdfunc.base_rule(hdfunc.scale_by_lion(), lr, name="lion"),
+                None),
 }
+
+# Bases whose direction is not differentiable in the gradient (a sign). With them, and with the
+# per-element multiplicative rule (whose factor 1 - β h/(|g||d|) = 1 + β sign(g d) per element),
+# the loss after several steps is only piecewise smooth in α_0 and β: autodiff gives the
+# derivative of the smooth piece, finite differences across a jump do not, so the K-step and
+# hyper checks compare reverse with forward mode only there. Every one-step check applies.
+NONSMOOTH = ("lion_hd",)
 
 
 def _kappa(mode: str, calibration: Optional[Calibration]) -> float:
@@ -154,7 +168,9 @@ def builtin_spec(base: str, *, granularity: str = "global", mode: str = "additiv
         ["higher-order"] if higher_order else [])
     return RuleSpec(f"{base}[{','.join(tags)}]", make, family=base, mode=mode,
                     granularity=granularity, higher_order=higher_order, transition=transition,
-                    base=twin, torch_optimizer=optimizer, l2=COUPLED_L2.get(base, 0.0))
+                    base=twin, torch_optimizer=optimizer, l2=COUPLED_L2.get(base, 0.0),
+                    smooth=base not in NONSMOOTH and not (
+                        granularity == "element" and mode == "multiplicative"))
 
 
 def all_builtin_specs() -> list[RuleSpec]:
@@ -174,15 +190,20 @@ def all_builtin_specs() -> list[RuleSpec]:
 
 
 def quick_specs() -> list[RuleSpec]:
-    """A representative subset: every base direction family, every granularity, both modes,
-    the transition and the higher-order variants, and the composed RMSprop base."""
+    """A representative subset: every base direction family (SGD with and without coupled L2,
+    SGDN, Adam, AdamW and the composed RMSprop, Adagrad and Lion), every granularity, both
+    modes, the transition and the higher-order variants."""
     return [
         builtin_spec("sgd_hd"),
+        builtin_spec("sgd_hd+l2", granularity="tensor"),
         builtin_spec("sgdn_hd", granularity="tensor", mode="multiplicative"),
         builtin_spec("adam_hd", granularity="element"),
         builtin_spec("adamw_hd", mode="multiplicative"),
         builtin_spec("rmsprop_hd", granularity="tensor"),
+        builtin_spec("adagrad_hd", granularity="element", mode="multiplicative"),
+        builtin_spec("lion_hd"),
         builtin_spec("sgd_hd", transition=True),
+        builtin_spec("adam_hd", granularity="tensor", mode="multiplicative", transition=True),
         builtin_spec("sgd_hd", higher_order=True),
         builtin_spec("adam_hd", granularity="element", mode="multiplicative", higher_order=True),
     ]
@@ -194,7 +215,9 @@ def quick_specs() -> list[RuleSpec]:
 def user_spec(factory: Callable[[float, float], Any], name: Optional[str] = None) -> RuleSpec:
     """Wrap a user factory ``factory(lr, hypergrad_lr) -> rule`` (the documented protocol: the
     rule's state holds an HD node, an :class:`hdfunc.HDState` or any NamedTuple with fields
-    ``lr``, ``hypergrad_lr`` and ``hypergrad``)."""
+    ``lr``, ``hypergrad_lr`` and ``hypergrad``). A factory with the attribute ``smooth =
+    False`` (a sign-based direction, say) skips the finite differences of the multi-step
+    checks, as the built-in Lion does (see NONSMOOTH)."""
     if not callable(factory):
         raise TypeError(f"a rule factory must be callable, got {type(factory).__name__}")
     name = name or getattr(factory, "__name__", "user_rule")
@@ -205,8 +228,11 @@ def user_spec(factory: Callable[[float, float], Any], name: Optional[str] = None
         hyper = node is not None and bool(tree_leaves(getattr(node, "hyper_hypergrad", ())))
     except Exception:  # noqa: BLE001 - the checks themselves report a broken factory
         pass
+    smooth = getattr(factory, "smooth", True)
+    if not isinstance(smooth, bool):
+        raise TypeError(f"{name}.smooth must be True or False, got {smooth!r}")
     return RuleSpec(name, lambda lr, beta, calibration: factory(lr, beta), family="user",
-                    higher_order=hyper)
+                    higher_order=hyper, smooth=smooth)
 
 
 def load_factory(target: str) -> Callable[[float, float], Any]:

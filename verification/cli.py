@@ -31,6 +31,9 @@ def parser() -> argparse.ArgumentParser:
                    help="torch device (default: cuda when available for the full run, else cpu)")
     p.add_argument("--dtype", default="float64", choices=("float64", "float32"),
                    help="dtype of the problems (default float64; float32 skips finite differences)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch CPU threads (default 1: the problems are tiny, and more threads "
+                        "only contend for them)")
     p.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the report as Markdown (for docs/)")
     p.add_argument("--failures-only", action="store_true",
@@ -54,12 +57,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         rules = [user_spec(load_factory(t), name=t) for t in args.rule] or None
         report = run(rules, quick=args.quick, only=args.only, problems=args.problems,
                      device=device, dtype=getattr(torch, args.dtype),
-                     progress=not args.no_progress and sys.stderr.isatty())
+                     progress=not args.no_progress and sys.stderr.isatty(),
+                     threads=args.threads)
     except (ValueError, TypeError) as error:
         print(f"verification: {error}", file=sys.stderr)
         return 2
 
+    report.meta["command"] = " ".join(["python -m verification"] + list(
+        sys.argv[1:] if argv is None else argv))
     print(report.table(failures_only=args.failures_only))
+    if report.outcomes:
+        print("\nsummary by check:\n" + report.summary_table())
     findings = report.findings_table()
     if findings:
         print("\n" + findings)

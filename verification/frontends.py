@@ -3,7 +3,6 @@ when that module exists). Without it this module contributes no checks."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable
 
 import torch

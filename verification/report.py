@@ -7,7 +7,7 @@ import math
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 PASS, FAIL, ERROR = "PASS", "FAIL", "ERROR"
 
@@ -41,14 +41,18 @@ def judged(check: str, method: str, rule: str, problem: str, dtype: str, abs_err
            allowance: float = 0.0) -> Outcome:
     """An outcome from an absolute error and the scale it is relative to. ``what`` names the
     two quantities compared, for the failure message. ``allowance`` is an absolute error
-    forgiven before the relative error is taken (the finite differences' own error estimate,
-    capped by the caller)."""
+    that the reference itself may carry (a finite difference's rounding floor and error
+    estimate, capped by the caller): it is added to the tolerance, relative to the scale, so
+    ``max_rel_err`` is always the raw error and the outcome passes when it is at most the
+    (effective) ``tolerance`` reported."""
     if not math.isfinite(abs_err) or not math.isfinite(scale):
         rel = math.inf
     elif scale > 0:
-        rel = max(abs_err - allowance, 0.0) / scale
+        rel = abs_err / scale
     else:
         rel = 0.0 if abs_err == 0 else math.inf
+    if allowance > 0 and scale > 0 and math.isfinite(allowance):
+        tolerance = tolerance + allowance / scale
     verdict = PASS if rel <= tolerance else FAIL
     message = ""
     if verdict == FAIL and not math.isfinite(abs_err):
@@ -58,9 +62,9 @@ def judged(check: str, method: str, rule: str, problem: str, dtype: str, abs_err
     elif verdict == FAIL:
         message = (f"{check} ({method}) FAILED for rule {rule} on problem {problem} "
                    f"({dtype}, {where}): {what} differ by {abs_err:.3g} absolute, "
-                   f"{rel:.3g} relative (tolerance {tolerance:.1g})")
-    return Outcome(check, method, rule, problem, dtype, float(abs_err), float(rel), tolerance,
-                   verdict, where, message)
+                   f"{rel:.3g} relative (tolerance {tolerance:.2g})")
+    return Outcome(check, method, rule, problem, dtype, float(abs_err), float(rel),
+                   float(tolerance), verdict, where, message)
 
 
 def errored(check: str, rule: str, problem: str, dtype: str, where: str,
@@ -74,8 +78,8 @@ def errored(check: str, rule: str, problem: str, dtype: str, where: str,
 @dataclass
 class Finding:
     """How HD's greedy one-step hypergradient compares with the exact K-step one (not a test):
-    sign agreement (fraction of rate entries × seeds with the same sign) and cosine similarity
-    (over the same entries)."""
+    sign agreement (fraction of rate entries × seeds with the same sign), cosine similarity
+    (over the same entries) and the median ratio |exact| / |greedy|."""
 
     rule: str
     problem: str
@@ -83,6 +87,7 @@ class Finding:
     sign_agreement: float
     cosine: float
     samples: int
+    magnitude_ratio: float = math.nan
 
 
 @dataclass
@@ -135,25 +140,45 @@ class Report:
                          "tolerance": o.tolerance, "verdict": o.verdict, "n": count[key]})
         return rows
 
+    def check_summary(self) -> list[dict[str, Any]]:
+        """One row per (check, method): how many comparisons, rules and problems, and the worst
+        outcome (largest error relative to its tolerance) with where it happened."""
+        groups: dict[tuple, list[Outcome]] = {}
+        for o in self.outcomes:
+            groups.setdefault((o.check, o.method), []).append(o)
+        rows = []
+        for (check, method), items in groups.items():
+            worst = max(items, key=_badness)
+            verdict = PASS if all(o.verdict == PASS for o in items) else worst.verdict
+            rows.append({"check": f"{check} [{method}]" if method != "-" else check,
+                         "n": len(items), "rules": len({o.rule for o in items}),
+                         "problems": len({o.problem for o in items}),
+                         "max rel err": max(o.max_rel_err for o in items),
+                         "worst": f"{worst.max_rel_err:.1e} / tol {worst.tolerance:.1e}",
+                         "at": f"{worst.rule} on {worst.problem} ({worst.where})",
+                         "verdict": verdict})
+        return rows
+
+    def summary_table(self) -> str:
+        """The per-check summary as aligned text."""
+        columns = ["check", "n", "rules", "problems", "max rel err", "worst", "verdict"]
+        return _text_table(columns, [[_cell(r[c]) for c in columns] for r in self.check_summary()])
+
     def table(self, failures_only: bool = False) -> str:
         rows = [r for r in self.rows() if not failures_only or r["verdict"] != PASS]
         columns = ["check", "rule", "problem", "dtype", "max abs err", "max rel err",
                    "tolerance", "verdict"]
-        cells = [[_cell(r[c]) for c in columns] for r in rows]
-        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-        line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
-        out = [line, "  ".join("-" * w for w in widths)]
-        out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-        return "\n".join(out)
+        return _text_table(columns, [[_cell(r[c]) for c in columns] for r in rows])
 
     def findings_table(self) -> str:
         if not self.findings:
             return ""
         out = ["greedy one-step vs exact K-step hypergradient (a finding, not a test):",
-               f"  {'rule':<34} {'problem':<11} {'K':>4}  {'sign agree':>10}  {'cosine':>7}  n"]
+               f"  {'rule':<34} {'problem':<11} {'K':>4}  {'sign agree':>10}  {'cosine':>7}"
+               f"  {'|exact|/|greedy|':>16}  n"]
         for f in self.findings:
             out.append(f"  {f.rule:<34} {f.problem:<11} {f.steps:>4}  {f.sign_agreement:>10.2f}"
-                       f"  {f.cosine:>7.3f}  {f.samples}")
+                       f"  {f.cosine:>7.3f}  {f.magnitude_ratio:>16.3g}  {f.samples}")
         return "\n".join(out)
 
     # ------------------------------------------------------------------ files
@@ -163,7 +188,22 @@ class Report:
                 "rows": [_jsonable(r) for r in self.rows()],
                 "outcomes": [_jsonable(asdict(o)) for o in self.outcomes],
                 "failures": [o.message for o in self.failures],
-                "findings": [asdict(f) for f in self.findings]}
+                "findings": [_jsonable(asdict(f)) for f in self.findings]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Report":
+        """The report that :meth:`to_dict` (``--json``) wrote, e.g. to re-render its Markdown."""
+        def number(x: Any) -> float:
+            return math.inf if x is None else x
+        outcomes = [Outcome(**{k: number(v) if k in ("max_abs_err", "max_rel_err") else v
+                               for k, v in o.items()}) for o in data.get("outcomes", [])]
+        findings = [Finding(**{k: math.nan if v is None else v for k, v in f.items()})
+                    for f in data.get("findings", [])]
+        return cls(outcomes, findings, dict(data.get("meta", {})), bool(data.get("interrupted")))
+
+    @classmethod
+    def read_json(cls, path: str | Path) -> "Report":
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def write_json(self, path: str | Path) -> None:
         path = Path(path)
@@ -180,29 +220,53 @@ class Report:
             lines.append("")
         if self.failures:
             lines += ["## Failures", ""] + [f"- {o.message}" for o in self.failures] + [""]
-        lines += ["## Checks", "",
+        lines += ["## Summary by check", "",
+                  "Each row gathers every comparison of one check and method, over all rules, "
+                  "problems, seeds and steps; `max rel err` is the largest error relative to "
+                  "the size of the quantity, `worst` the comparison closest to its tolerance "
+                  "and where it was.", "",
+                  "| check | comparisons | rules | problems | max rel err | worst (rel err / tolerance) | at | verdict |",
+                  "| --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]
+        for r in self.check_summary():
+            lines.append("| " + " | ".join(_cell(r[c]) for c in (
+                "check", "n", "rules", "problems", "max rel err", "worst", "at", "verdict")) + " |")
+        if self.findings:
+            lines += ["", "## Finding: greedy one-step vs exact K-step hypergradient", "",
+                      "Not a pass/fail check: how often HD's one-step hypergradient h_{K+1} has "
+                      "the sign of the exact derivative dL_K/dα of the loss after K steps with a "
+                      "constant rate, their cosine similarity, and the median of |exact| / "
+                      "|greedy|, over every rate entry of every seed (`samples`).", "",
+                      "| rule | problem | K | sign agreement | cosine | abs(exact)/abs(greedy) | samples |",
+                      "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+            for f in self.findings:
+                lines.append(f"| {f.rule} | {f.problem} | {f.steps} | {f.sign_agreement:.2f} | "
+                             f"{f.cosine:.3f} | {f.magnitude_ratio:.3g} | {f.samples} |")
+        rows = self.rows()
+        lines += ["", "## All checks", "",
+                  f"One row per check, method, rule, problem and dtype ({len(rows)} rows): the "
+                  "worst of its comparisons (seeds, steps t, K).", "",
+                  "<details><summary>the full table</summary>", "",
                   "| check | rule | problem | dtype | max abs err | max rel err | tolerance | verdict |",
                   "| --- | --- | --- | --- | ---: | ---: | ---: | --- |"]
-        for r in self.rows():
+        for r in rows:
             lines.append("| " + " | ".join(_cell(r[c]) for c in (
                 "check", "rule", "problem", "dtype", "max abs err", "max rel err", "tolerance",
                 "verdict")) + " |")
-        if self.findings:
-            lines += ["", "## Finding: greedy one-step vs exact K-step hypergradient", "",
-                      "Not a pass/fail check: how often HD's one-step hypergradient has the sign "
-                      "of the exact derivative of the loss after K steps with a constant rate, "
-                      "and their cosine similarity.", "",
-                      "| rule | problem | K | sign agreement | cosine | samples |",
-                      "| --- | --- | ---: | ---: | ---: | ---: |"]
-            for f in self.findings:
-                lines.append(f"| {f.rule} | {f.problem} | {f.steps} | {f.sign_agreement:.2f} | "
-                             f"{f.cosine:.3f} | {f.samples} |")
+        lines += ["", "</details>"]
         return "\n".join(lines) + "\n"
 
     def write_markdown(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.markdown())
+
+
+def _text_table(columns: list[str], cells: list[list[str]]) -> str:
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
+           "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(out)
 
 
 def _badness(o: Outcome) -> tuple:

@@ -37,16 +37,18 @@ class Plan:
     finding_seeds: int
     equivalence_steps: int
     vmap_seeds: int = 3
+    batch_seeds: int = 4  # seeds of the vmapped one-step check (one vmap per rule and problem)
+    batch_problems: Optional[tuple[str, ...]] = None  # its problems (None: all of the plan's)
 
 
-QUICK = Plan(problems=("quadratic", "mlp"), seeds=(0,), steps=8, states=(3, 8),
+QUICK = Plan(problems=PROBLEM_NAMES, seeds=(0,), steps=8, states=(3, 8),
              second_order_states=(5,), unrolled_steps=(10,), hyper_steps=5,
              hyper_problems=("quadratic",), finding_steps=(1, 5, 20), finding_seeds=4,
-             equivalence_steps=10)
+             equivalence_steps=10, batch_seeds=4, batch_problems=("quadratic",))
 FULL = Plan(problems=PROBLEM_NAMES, seeds=(0, 1), steps=20, states=(2, 3, 20),
             second_order_states=(10,), unrolled_steps=(20, 200), hyper_steps=20,
             hyper_problems=("quadratic", "rosenbrock"), finding_steps=(1, 3, 10, 30, 100, 300),
-            finding_seeds=8, equivalence_steps=30)
+            finding_seeds=8, equivalence_steps=30, batch_seeds=16)
 
 # Which built-in specs get the costlier checks (K-step loops), by name.
 QUICK_UNROLLED = ("sgd_hd[global,additive]", "adam_hd[element,additive]")
@@ -106,6 +108,12 @@ def plan_tasks(specs: Sequence[RuleSpec], plan: Plan, *, quick: bool, catalog: b
         for name in plan.problems:
             for seed in plan.seeds:
                 tasks.append(_case_task(spec, name, seed, plan, problem, dtype))
+        for name in plan.batch_problems or plan.problems:
+            if name in plan.problems:
+                tasks.append(Task(f"{spec.name} / {name} / one step, vmapped seeds", (
+                    lambda spec=spec, name=name: C.check_one_step_vmapped(
+                        spec, problem(name), plan.states, plan.batch_seeds)),
+                    C.ONE_STEP, spec.name, name))
         unrolled = user or spec.name in (QUICK_UNROLLED if quick else FULL_UNROLLED)
         if unrolled:
             for name in plan.problems:
@@ -140,7 +148,7 @@ def plan_tasks(specs: Sequence[RuleSpec], plan: Plan, *, quick: bool, catalog: b
         for spec in all_builtin_specs():
             families.setdefault(spec.family, spec)
         for family, spec in families.items():
-            if only and not fnmatch.fnmatch(spec.name, only):
+            if spec.torch_optimizer is None or (only and not fnmatch.fnmatch(spec.name, only)):
                 continue
             for name in plan.problems:
                 tasks.append(Task(f"{family} / {name} / torch.optim", (
@@ -197,7 +205,7 @@ def _each(fn: Callable[[], list], check: str, case: C.Case, where: str) -> list:
 def run(rules: Optional[Iterable[RuleSpec | Callable[[float, float], Any]]] = None, *,
         quick: bool = False, only: Optional[str] = None, problems: Optional[Sequence[str]] = None,
         device: Any = "cpu", dtype: torch.dtype = torch.float64, progress: bool = False,
-        plan: Optional[Plan] = None) -> Report:
+        plan: Optional[Plan] = None, threads: Optional[int] = 1) -> Report:
     """Run the verification suite and return a :class:`~verification.report.Report`.
 
     ``rules``: None for every built-in rule and variant (a representative subset with
@@ -206,7 +214,9 @@ def run(rules: Optional[Iterable[RuleSpec | Callable[[float, float], Any]]] = No
     that applies to a rule of unknown family (no base-rule / torch.optim equivalence).
     ``only``: a glob on rule names (e.g. ``"adam*"``). ``problems``: a subset of
     :data:`~verification.problems.PROBLEM_NAMES`. Ctrl-C stops early and returns what ran, with
-    ``report.interrupted`` set.
+    ``report.interrupted`` set. ``threads``: torch's intra-op CPU threads while the suite runs
+    (restored afterwards; None leaves torch's setting). The problems are tiny, so one thread is
+    the fastest by far: several threads only contend for them, most of all on a busy machine.
     """
     plan = plan or (QUICK if quick else FULL)
     if problems:
@@ -230,6 +240,11 @@ def run(rules: Optional[Iterable[RuleSpec | Callable[[float, float], Any]]] = No
     report = Report(meta={"mode": "quick" if quick else "full", "device": str(device),
                           "dtype": C.dtype_name(dtype), "rules": len(specs),
                           "problems": ", ".join(plan.problems), **environment()})
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -247,5 +262,6 @@ def run(rules: Optional[Iterable[RuleSpec | Callable[[float, float], Any]]] = No
     finally:
         if bar is not None:
             bar.close()
+        torch.set_num_threads(previous_threads)
     report.meta["seconds"] = round(time.perf_counter() - start, 1)
     return report
