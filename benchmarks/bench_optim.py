@@ -178,6 +178,22 @@ def report(set_name: str, n_params: int, times: dict[str, float],
     return lines + [""]
 
 
+def machine() -> str:
+    """CPU model and core count (Linux /proc/cpuinfo, else platform)."""
+    import os
+    import platform
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -192,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the Markdown tables to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    lines = [f"torch {torch.__version__}, device {args.device}"
+    lines = [f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}; "
+             f"torch {torch.__version__}, device {args.device}"
              + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else
                 f", {args.threads} thread(s)") + ", float32", ""]
     for set_name in args.sets:

@@ -23,6 +23,7 @@ tests prove each trajectory equal to the functional rule (:func:`hdfunc.adam_hd`
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Literal, Optional
 
 import torch
@@ -39,7 +40,7 @@ __all__ = ["AdamHD", "AdamWHD", "HDOptimizer", "SGDHD", "SGDNHD"]
 Scope = Literal["global", "group"]
 SchedulerComposition = Literal["scale", "reset"]
 SCOPES = ("global", "group")
-SCRATCH_BYTES = 256 * 1024  # the CPU hypergradient pass streams through this much cache
+SCRATCH_BYTES = 1024 * 1024  # the CPU hypergradient pass streams through buffers of this size
 SCHEDULER_COMPOSITIONS = ("scale", "reset")
 HD_GROUP_KEYS = ("hypergrad_lr", "mode", "final_lr", "transition", "hyper_hypergrad_lr",
                  "lr_bounds", "skip_nonfinite")
@@ -59,6 +60,14 @@ def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.dot(x.reshape(-1), y.reshape(-1))
     dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
     return (x.to(dtype) * y.to(dtype)).sum()
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(p, DTensor)
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
@@ -96,6 +105,12 @@ class HDOptimizer(Optimizer):
             raise TypeError("lr must be a Python float for an HD optimizer (the adapted rate is "
                             "kept as a tensor in the optimizer's state); got a Tensor")
         for p in group["params"]:
+            if _is_dtensor(p):
+                raise TypeError(
+                    "DTensor (FSDP2 / tensor-parallel) parameters are not supported by the HD "
+                    "optimizers: shard the optimizer instead (torch's ZeroRedundancyOptimizer "
+                    "with optimizer_class=functools.partial(AdamHD, process_group=...), or "
+                    "process_group= on an optimizer over each rank's shard); see docs/optim.md")
             if p.is_complex():
                 raise TypeError("complex parameters are not supported by the HD optimizers")
             if p.is_sparse:
@@ -138,12 +153,20 @@ class HDOptimizer(Optimizer):
                         group["final_lr"] is not None, group["hyper_hypergrad_lr"], low, high,
                         group["skip_nonfinite"])
 
-    @staticmethod
-    def _rate_dtype(group: dict) -> torch.dtype:
+    def _anchor(self, group: dict) -> torch.Tensor:
+        """The tensor whose device holds the group's rate state: its first parameter, or (a
+        group left empty, e.g. by ZeroRedundancyOptimizer's partition on some rank) the first
+        parameter of any group, so every rank reduces the same table on the same device."""
+        for candidate in [group] + self.param_groups:
+            if candidate["params"]:
+                return candidate["params"][0]
+        return torch.zeros(())
+
+    def _rate_dtype(self, group: dict) -> torch.dtype:
         """Rates and the hypergradient in float64 (where the device has it): β h_t is often
         ~1e-10 of α (β = 1e-7 for Adam-HD), below float32's resolution, and a float lr of
         torch.optim is a double, so hypergrad_lr=0 reproduces torch.optim bit for bit."""
-        if group["params"][0].device.type == "mps":
+        if self._anchor(group).device.type == "mps":
             return torch.float32
         return torch.float64
 
@@ -152,7 +175,7 @@ class HDOptimizer(Optimizer):
         applying any change a scheduler or the user made to ``lr`` / ``hypergrad_lr``."""
         hd = group.get("hd_state")
         if hd is None:
-            like = group["params"][0]
+            like = self._anchor(group)
             dtype = self._rate_dtype(group)
 
             def rate(value: float) -> torch.Tensor:
@@ -284,23 +307,45 @@ class HDOptimizer(Optimizer):
 
     def state_dict(self) -> dict:
         """torch's state dict, with a snapshot (not a live reference) of each group's HD rate
-        state: α, β, γ, h, counters and the scheduler bookkeeping."""
+        state: α, β, γ, h, counters and the scheduler bookkeeping. Only data is saved (tensors,
+        numbers, strings), so ``torch.load(..., weights_only=True)`` (torch's default) reads it:
+        the ``transition`` callable is code, not state, and is taken from the optimizer the
+        checkpoint is loaded into."""
         sd = super().state_dict()
         for group in sd["param_groups"]:
+            group.pop("transition", None)
             if "hd_state" in group:
                 group["hd_state"] = dict(group["hd_state"])
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) == len(self.param_groups):
+            state_dict = dict(state_dict)
+            state_dict["param_groups"] = [
+                {"transition": group["transition"], **saved}
+                for group, saved in zip(self.param_groups, saved_groups)]
+        super().load_state_dict(state_dict)  # torch checks the group sizes and raises otherwise
         for group in self.param_groups:
             hd = group.get("hd_state")
             if hd is None:
                 continue
-            device = group["params"][0].device
+            device = self._anchor(group).device
             for key, value in list(hd.items()):
                 if isinstance(value, torch.Tensor):
                     hd[key] = value.to(device)
+
+    def _scratch_pair(self, like: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two work buffers per device and dtype of SCRATCH_BYTES each, or of ``needed``
+        elements if fewer (not optimizer state: never saved)."""
+        scratch = getattr(self, "_scratch_buffers", None)
+        if scratch is None:
+            scratch = self._scratch_buffers = {}
+        key = (like.device, like.dtype)
+        size = max(1, min(SCRATCH_BYTES // like.element_size(), needed))
+        if key not in scratch or scratch[key][0].numel() < size:
+            scratch[key] = (like.new_empty(size), like.new_empty(size))
+        return scratch[key]
 
     # ------------------------------------------------------------------ subclass interface
 
@@ -312,6 +357,38 @@ class HDOptimizer(Optimizer):
 
     def _base_step(self, group: dict, lists: dict, hd: dict) -> None:
         raise NotImplementedError  # pragma: no cover
+
+
+def _batches(sizes: list[int], capacity: int):
+    """Split tensors of ``sizes`` elements into pieces (index, start, stop) and yield them in
+    batches of at most ``capacity`` elements, in order. A large tensor (at least half the
+    capacity) is cut into pieces that form batches of their own (used in place, no copy); small
+    tensors are packed together."""
+    batch, filled = [], 0
+    for j, size in enumerate(sizes):
+        if size >= capacity // 2:
+            if batch:
+                yield batch
+                batch, filled = [], 0
+            for start in range(0, size, capacity):
+                yield [(j, start, min(start + capacity, size))]
+            continue
+        if filled + size > capacity:
+            yield batch
+            batch, filled = [], 0
+        batch.append((j, 0, size))
+        filled += size
+    if batch:
+        yield batch
+
+
+def _total(values: list[torch.Tensor]) -> torch.Tensor:
+    """Σ values in float64 (one operation fewer for the usual single value; 0 for none)."""
+    if not values:
+        return torch.zeros((), dtype=torch.float64)
+    if len(values) == 1:
+        return values[0].to(torch.float64)
+    return torch.stack(values).to(torch.float64).sum()
 
 
 def _sum(values: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -406,47 +483,66 @@ class SGDHD(HDOptimizer):
             previous = lists["momentum_buffers"]
         stores = self._stores_direction(group)
         streamed = not torch.compiler.is_compiling()
+        like = hd["lr"]
+        if (stores and streamed and group["weight_decay"] == 0 and not group["maximize"]
+                and all(g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64)
+                        and g.is_contiguous() and d.is_contiguous()
+                        for g, d in zip(lists["grads"], previous))):
+            # CPU, g = ∇f: g·d_{t-1} (and the norms) and d_t ← g_t in one batched pass
+            return [x.to(like.dtype) for x in self._batched_dot_and_copy(
+                lists["grads"], previous, multiplicative)]
         dots, grad_sq, dir_sq = [], [], []
-        effective = []
         for p, grad, d in zip(lists["params"], lists["grads"], previous):
             g = self._effective_grad(group, p, grad)
-            effective.append(g)
             if multiplicative:
                 grad_sq.append(_dot(g, g))
             if d is None:  # heavy ball before its first step: d_0 = 0
                 continue
-            if stores and streamed and d.device.type == "cpu" and g.is_contiguous() \
-                    and d.is_contiguous():
-                # h's dot product and d_t ← g_t in one pass through the cache
-                dot, sq = self._streamed_dot_and_copy(g, d, multiplicative)
-            else:
-                dot = _dot(g, d)
-                sq = _dot(d, d) if multiplicative else None
-                if stores:
-                    d.copy_(g)  # d_t starts as g_t (Nesterov adds μ v_t after the step)
+            dot = _dot(g, d)
+            sq = _dot(d, d) if multiplicative else None
+            if stores:
+                d.copy_(g)  # d_t starts as g_t (Nesterov adds μ v_t after the step)
             dots.append(dot)
             if multiplicative:
                 dir_sq.append(sq)
-        lists["effective_grads"] = effective
-        like = hd["lr"]
         return [_sum(dots, like), _sum(grad_sq, like), _sum(dir_sq, like)]
 
-    def _streamed_dot_and_copy(self, g: torch.Tensor, d: torch.Tensor, want_sq: bool
-                               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """g·d (and d·d), then d ← g, chunk by chunk while the chunk is in cache."""
-        g_flat, d_flat = g.reshape(-1), d.view(-1)
-        chunk = SCRATCH_BYTES // g.element_size()
-        dots, squares = [], []
-        for start in range(0, g_flat.numel(), chunk):
-            g_c, d_c = g_flat[start:start + chunk], d_flat[start:start + chunk]
-            dots.append(_dot(g_c, d_c))
-            if want_sq:
-                squares.append(_dot(d_c, d_c))
-            d_c.copy_(g_c)
-        dot = dots[0] if len(dots) == 1 else torch.stack(dots).sum()
-        if not want_sq:
-            return dot, None
-        return dot, squares[0] if len(squares) == 1 else torch.stack(squares).sum()
+    def _batched_dot_and_copy(self, grads: list[torch.Tensor], directions: list[torch.Tensor],
+                              want_sq: bool) -> list[torch.Tensor]:
+        """[Σ g·d, Σ g·g, Σ d·d] in float64 (the norms only if ``want_sq``), then d ← g, in
+        batches of SCRATCH_BYTES: a large tensor chunk by chunk while the chunk is in cache
+        (g is read once), small tensors together (one dot product and one copy per batch)."""
+        totals: list[list[torch.Tensor]] = [[], [], []]
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, g in enumerate(grads):
+            by_dtype.setdefault(g.dtype, []).append(i)
+        for dtype, members in by_dtype.items():
+            buffer, other = self._scratch_pair(grads[members[0]],
+                                               sum(grads[i].numel() for i in members))
+            parts: list[list[torch.Tensor]] = [[], [], []]
+            g_flat = [grads[i].view(-1) for i in members]
+            d_flat = [directions[i].view(-1) for i in members]
+            for pieces in _batches([g.numel() for g in g_flat], buffer.numel()):
+                g_views = [g_flat[j][a:b] for j, a, b in pieces]
+                d_views = [d_flat[j][a:b] for j, a, b in pieces]
+                if len(pieces) == 1:
+                    g_all, d_all = g_views[0], d_views[0]
+                else:
+                    n = sum(b - a for _, a, b in pieces)
+                    g_all = torch.cat(g_views, out=buffer[:n])
+                    d_all = torch.cat(d_views, out=other[:n])
+                parts[0].append(torch.dot(g_all, d_all))
+                if want_sq:
+                    parts[1].append(torch.dot(g_all, g_all))
+                    parts[2].append(torch.dot(d_all, d_all))
+                if len(pieces) == 1:
+                    d_views[0].copy_(g_views[0])
+                else:
+                    torch._foreach_copy_(d_views, g_views)
+            for k in range(3 if want_sq else 1):
+                totals[k].append(_total(parts[k]))
+        zero = torch.zeros((), dtype=torch.float64)
+        return [_total(t) if t else zero for t in totals]
 
     def _base_step(self, group: dict, lists: dict, hd: dict) -> None:
         stores = self._stores_direction(group)
@@ -549,47 +645,60 @@ class AdamHD(HDOptimizer):
         decoupled = group["decoupled_weight_decay"] and group["weight_decay"] != 0
         # Adam's direction of step t-1 (0 before the first step, where m = v = 0):
         #   a_{t-1} = m̂/(√v̂ + ε) = (c2/c1) · m / (√v + ε c2),  c1 = 1-β1^(t-1), c2 = √(1-β2^(t-1)),
-        # with the corrections in double precision (as torch.optim.Adam), one vector op for all
-        # tensors (each has its own step count).
+        # with the corrections in double precision (as torch.optim.Adam); each tensor has its
+        # own step count. With decoupled decay (AdamW):
+        # d_{t-1} = a_{t-1} + λθ_{t-2} with θ_{t-2} = (θ_{t-1} + γa_{t-1}) / (1 - γλ), hence
+        # d_{t-1} = (a_{t-1} + λθ_{t-1}) / (1 - γ_{t-1}λ): exact, with no stored copy.
+        weight_decay = group["weight_decay"]
+        if decoupled:
+            shrink = 1 - hd["applied_lr"].to(torch.float64) * weight_decay
+        streamed = (like.device.type == "cpu" and not torch.compiler.is_compiling()
+                    and all(p.dtype in (torch.float32, torch.float64) for p in lists["params"]))
+        if streamed:
+            # CPU: the corrections as Python floats (torch.optim.Adam's own arithmetic; steps
+            # live on the CPU), then g·d (and d·d) batched through two cache-sized buffers
+            corrections = {}
+            for step in lists["steps"]:
+                t = float(step)
+                if t not in corrections:
+                    c1, c2 = 1 - beta1 ** t, math.sqrt(1 - beta2 ** t)
+                    corrections[t] = ((eps * c2, c2 / c1, weight_decay if decoupled else 0.0)
+                                      if t > 0 else (eps, 0.0, 0.0))
+            eps_list, scale_list, decay_list = zip(*(corrections[float(step)]
+                                                     for step in lists["steps"]))
+            dot, direction_sq = self._batched_adam_terms(
+                group, lists, eps_list, scale_list, decay_list, decoupled, multiplicative)
+            grad_sq = ([_dot(g, g) for g in (self._effective_grad(group, p, grad) for p, grad
+                                              in zip(lists["params"], lists["grads"]))]
+                       if multiplicative else [])
+            if decoupled:
+                dot = dot / shrink
+                direction_sq = direction_sq / shrink ** 2 if multiplicative else None
+            return [dot.to(like.dtype), _sum(grad_sq, like),
+                    like.new_zeros(()) if direction_sq is None else direction_sq.to(like.dtype)]
         t = torch.stack(lists["steps"]).to(device=like.device, dtype=torch.float64)
         started = t > 0
         correction1 = torch.where(started, 1 - beta1 ** t, 1.0)
         correction2 = torch.where(started, (1 - beta2 ** t).sqrt(), 1.0)
         scale = torch.where(started, correction2 / correction1, 0.0)
         eps_scaled = eps * correction2
-        decay = scale.new_zeros(scale.shape)
-        if decoupled:
-            # d_{t-1} = a_{t-1} + λθ_{t-2} with θ_{t-2} = (θ_{t-1} + γa_{t-1}) / (1 - γλ), hence
-            # d_{t-1} = (a_{t-1} + λθ_{t-1}) / (1 - γ_{t-1}λ): exact, with no stored copy.
-            weight_decay = group["weight_decay"]
-            shrink = 1 - hd["applied_lr"].to(torch.float64) * weight_decay
-            decay = started.to(torch.float64) * weight_decay  # float64 λ
-        streamed = like.device.type == "cpu" and not torch.compiler.is_compiling()
-        if streamed:  # per-tensor scalars as floats: one conversion (no device sync on CPU)
-            eps_scaled, scale_list, decay = (eps_scaled.tolist(), scale.tolist(),
-                                             decay.tolist())
-        else:
-            eps_scaled, scale_list, decay = eps_scaled.unbind(), scale.unbind(), decay.unbind()
+        decay = started.to(torch.float64) * weight_decay if decoupled else scale.new_zeros(
+            scale.shape)
+        eps_scaled, scale_list, decay = eps_scaled.unbind(), scale.unbind(), decay.unbind()
         dots, grad_sq, dir_sq = [], [], []
         for i, (p, grad, m, v) in enumerate(zip(lists["params"], lists["grads"],
                                                 lists["exp_avgs"], lists["exp_avg_sqs"])):
             g = self._effective_grad(group, p, grad)
             if multiplicative:
                 grad_sq.append(_dot(g, g))
-            if streamed:
-                dot, sq = self._streamed_adam_terms(g, m, v, p, eps_scaled[i], decoupled,
-                                                    scale_list[i], decay[i], multiplicative)
-            else:
-                # m / (√v + ε c2), times c2/c1 below (or here, with decoupled decay)
-                direction = m / (v.sqrt() + eps_scaled[i].to(v.device, v.dtype))
-                if decoupled:
-                    direction = (direction * scale_list[i].to(p.device, p.dtype)
-                                 + p * decay[i].to(p.device, p.dtype))
-                dot = _dot(g, direction)
-                sq = _dot(direction, direction) if multiplicative else None
-            dots.append(dot)
+            # m / (√v + ε c2), times c2/c1 below (or here, with decoupled decay)
+            direction = m / (v.sqrt() + eps_scaled[i].to(v.device, v.dtype))
+            if decoupled:
+                direction = (direction * scale_list[i].to(p.device, p.dtype)
+                             + p * decay[i].to(p.device, p.dtype))
+            dots.append(_dot(g, direction))
             if multiplicative:
-                dir_sq.append(sq)
+                dir_sq.append(_dot(direction, direction))
         dots = torch.stack(dots).to(torch.float64)
         if decoupled:
             dot = dots.sum() / shrink
@@ -602,48 +711,79 @@ class AdamHD(HDOptimizer):
         return [dot.to(like.dtype), _sum(grad_sq, like),
                 like.new_zeros(()) if direction_sq is None else direction_sq.to(like.dtype)]
 
-    def _streamed_adam_terms(self, g, m, v, p, eps_scaled, decoupled, scale, decay,
-                             want_sq) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """g·d and d·d for one tensor on the CPU, streamed through a small cache-resident
-        scratch buffer: g, m, v (and θ) are read once and no tensor-sized temporary is made."""
-        flat = [x.reshape(-1) for x in (g, m, v, p)]
-        scratch = self._scratch(g)
+    def _batched_adam_terms(self, group: dict, lists: dict, eps_scaled: list[float],
+                            scales: list[float], decays: list[float], decoupled: bool,
+                            want_sq: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Σ g·d_{t-1} (and Σ d·d) over the group on the CPU, in float64, with d_{t-1} made
+        piece by piece in a cache-sized scratch buffer: g, m, v (and θ) are read once from
+        memory, no tensor-sized temporary is made, and many small tensors share one batch (a few
+        vector ops per 256k elements instead of per tensor). Tensors are grouped by step count,
+        so each batch has one ε·c2, scale c2/c1 and decay; the non-decoupled scale multiplies
+        the batch's dot in float64 (as the functional rule's per-tensor dot products)."""
+        coupled = group["weight_decay"] if not decoupled else 0.0
+        by_key: dict[tuple, list[int]] = {}
+        for i, p in enumerate(lists["params"]):
+            if scales[i] != 0.0:  # d_{t-1} = 0 before a tensor's first step
+                by_key.setdefault((p.dtype, scales[i], eps_scaled[i], decays[i]), []).append(i)
         dots, squares = [], []
-        for start in range(0, flat[0].numel(), scratch.numel()):
-            g_c, m_c, v_c, p_c = (x[start:start + scratch.numel()] for x in flat)
-            d_c = scratch[:g_c.numel()]
-            torch.sqrt(v_c, out=d_c)
-            d_c.add_(eps_scaled)
-            torch.div(m_c, d_c, out=d_c)
-            if decoupled:
-                d_c.mul_(scale).add_(p_c, alpha=decay)
-            dots.append(_dot(g_c, d_c))
+        for (dtype, scale, eps, decay), members in by_key.items():
+            buffer, other = self._scratch_pair(
+                lists["params"][members[0]], sum(lists["params"][i].numel() for i in members))
+            capacity = buffer.numel()
+            batch_dots, batch_squares = [], []
+            names = ["grads", "exp_avgs", "exp_avg_sqs"] + (
+                ["params"] if decoupled or coupled else [])
+            flat = {name: [lists[name][i].reshape(-1) for i in members] for name in names}
+            for pieces in _batches([flat["grads"][j].numel() for j in range(len(members))],
+                                   capacity):
+                n = sum(b - a for _, a, b in pieces)
+                d, x = buffer[:n], other[:n]
+
+                def load(name: str) -> torch.Tensor:
+                    """The batch's elements of lists[name]: a view (one piece) or copied to x."""
+                    if len(pieces) == 1:
+                        j, a, b = pieces[0]
+                        return flat[name][j][a:b]
+                    return torch.cat([flat[name][j][a:b] for j, a, b in pieces], out=x)
+
+                torch.sqrt(load("exp_avg_sqs"), out=d)
+                d.add_(eps)
+                torch.div(load("exp_avgs"), d, out=d)  # m / (√v + ε c2)
+                if decoupled:
+                    d.mul_(scale).add_(load("params"), alpha=decay)
+                if want_sq:
+                    batch_squares.append(torch.dot(d, d))
+                dot = torch.dot(d, load("grads"))
+                if group["maximize"]:
+                    dot = -dot
+                if coupled:  # g = ±∇f + λθ
+                    dot = dot + coupled * torch.dot(d, load("params"))
+                batch_dots.append(dot)
+            factor = 1.0 if decoupled else scale
+            dots.append(_total(batch_dots) * factor)
             if want_sq:
-                squares.append(_dot(d_c, d_c))
-        dot = dots[0] if len(dots) == 1 else torch.stack(dots).sum()
+                squares.append(_total(batch_squares) * factor ** 2)
+        zero = torch.zeros((), dtype=torch.float64)
+        dot = _total(dots) if dots else zero
         if not want_sq:
             return dot, None
-        return dot, squares[0] if len(squares) == 1 else torch.stack(squares).sum()
-
-    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
-        """A 256 KiB work buffer per dtype (not optimizer state: never saved)."""
-        scratch = getattr(self, "_scratch_buffers", None)
-        if scratch is None:
-            scratch = self._scratch_buffers = {}
-        key = (like.device, like.dtype)
-        if key not in scratch:
-            scratch[key] = like.new_empty(SCRATCH_BYTES // like.element_size())
-        return scratch[key]
+        return dot, _total(squares) if squares else zero
 
     def _base_step(self, group: dict, lists: dict, hd: dict) -> None:
         beta1, beta2 = group["betas"]
+        # Under torch.compile the rate goes to torch's kernel as a tensor, through its capturable
+        # path, where the step counts live with the params (on the CPU): a Python float would be
+        # a graph break per step and a graph specialised to one value of α.
+        capturable = (not group["fused"] and torch.compiler.is_compiling()
+                      and lists["steps"][0].device == lists["params"][0].device)
         torch_adam(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], [],
-                   lists["steps"], foreach=group["foreach"], capturable=False,
+                   lists["steps"], foreach=group["foreach"], capturable=capturable,
                    differentiable=False, fused=group["fused"], grad_scale=None, found_inf=None,
                    has_complex=False, decoupled_weight_decay=group["decoupled_weight_decay"],
                    amsgrad=False, beta1=beta1, beta2=beta2,
-                   lr=self._rate_for_kernel(group, hd), weight_decay=group["weight_decay"],
-                   eps=group["eps"], maximize=group["maximize"])
+                   lr=hd["applied_lr"] if capturable else self._rate_for_kernel(group, hd),
+                   weight_decay=group["weight_decay"], eps=group["eps"],
+                   maximize=group["maximize"])
 
 
 class AdamWHD(AdamHD):

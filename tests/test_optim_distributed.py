@@ -4,11 +4,14 @@
   single-process run on the whole batch.
 * A ZeRO-style sharded optimizer (each rank owns a slice of the params; ``process_group`` sums the
   hypergradient's dot products over ranks): the same α on every rank and the same trajectory as
-  the single-process optimizer over all params; without the reduction α would differ.
+  the single-process optimizer over all params; without the reduction α would differ. Both a
+  hand-written sharding and torch's ``ZeroRedundancyOptimizer`` over DDP (the HD optimizer
+  passed as ``functools.partial(AdamHD, process_group=...)``).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
@@ -19,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from hdfunc.optim import SGDHD, AdamHD
 
@@ -67,6 +71,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     results = {}
     try:
+        # DTensor parameters (FSDP2) are refused with a message that names the alternatives
+        from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+        mesh = init_device_mesh("cpu", (WORLD,))
+        dtensor = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+        try:
+            AdamHD([dtensor])
+            results["dtensor_error"] = None
+        except TypeError as error:
+            results["dtensor_error"] = str(error)
         for name, (cls, kwargs) in OPTIMIZERS.items():
             # DDP: each rank a half of the batch; gradients averaged by DDP.
             model, x, y = _problem()
@@ -79,6 +92,21 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 optimizer.step()
             results[f"ddp/{name}"] = ([p.detach().clone() for p in model.parameters()],
                                       optimizer.adapted_lrs()[0])
+
+            # torch's ZeroRedundancyOptimizer over DDP: it shards the params over the ranks and
+            # builds the HD optimizer on each rank's shard.
+            model, x, y = _problem()
+            ddp = nn.parallel.DistributedDataParallel(model)
+            zero = ZeroRedundancyOptimizer(
+                ddp.parameters(),
+                optimizer_class=functools.partial(cls, process_group=dist.group.WORLD), **kwargs)
+            for _ in range(STEPS):
+                zero.zero_grad()
+                ((ddp(x[half]) - y[half]) ** 2).mean().backward()
+                zero.step()
+            owned = sum(len(g["params"]) for g in zero.optim.param_groups)
+            results[f"zero/{name}"] = ([p.detach().clone() for p in model.parameters()],
+                                       zero.optim.adapted_lrs()[0], owned)
 
             # ZeRO-style: rank r owns params r, r+2, ...; grads all-reduced by hand, each rank
             # steps its own shard, then owners broadcast their params.
@@ -145,3 +173,22 @@ def test_sharded_optimizer_reduces_the_hypergradient(distributed_results, name):
     local0 = distributed_results[0][f"sharded_local/{name}"][1]
     local1 = distributed_results[1][f"sharded_local/{name}"][1]
     assert not torch.allclose(local0, local1, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_zero_redundancy_optimizer_reduces_the_hypergradient(distributed_results, name):
+    params0, alpha0, owned0 = distributed_results[0][f"zero/{name}"]
+    params1, alpha1, owned1 = distributed_results[1][f"zero/{name}"]
+    assert 0 < owned0 < 6 and owned0 + owned1 == 6  # each rank stepped a true shard
+    assert torch.equal(alpha0, alpha1)
+    reference_params, reference_alpha = _single_process(name)
+    torch.testing.assert_close(alpha0, reference_alpha, rtol=1e-12, atol=0)
+    for a, b, c in zip(params0, params1, reference_params):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)
+
+
+def test_dtensor_parameters_are_refused_with_guidance(distributed_results):
+    for rank_results in distributed_results:
+        message = rank_results["dtensor_error"]
+        assert message is not None and "ZeroRedundancyOptimizer" in message
