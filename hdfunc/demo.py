@@ -62,15 +62,7 @@ def verification_summary() -> int:
     import verification
 
     report = verification.run(quick=True)
-    families: dict[str, list] = {}
-    for outcome in report.outcomes:
-        families.setdefault(outcome.check, []).append(outcome)
-    print(f"{'check':<44} {'passed':>9} {'worst rel. error':>17} {'tolerance':>10}")
-    for check, outcomes in families.items():
-        passed = sum(not o.failed for o in outcomes)
-        worst = max(outcomes, key=lambda o: o.max_rel_err / max(o.tolerance, 1e-300))
-        print(f"{check:<44} {passed:>4}/{len(outcomes):<4} {worst.max_rel_err:>17.1e} "
-              f"{worst.tolerance:>10.0e}")
+    print(report.summary_table())
     for failure in report.failures:
         print(failure.message)
     if report.findings:
