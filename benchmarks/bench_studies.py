@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_studies.py [--seeds 256] [--steps 30] [--device cpu]
                                                  [--problems classification,logreg] [--no-compile]
+                                                 [--threads 1] [--loop-steps 10] [--repeat 3]
 
 For each problem and optimizer it measures, each in a fresh subprocess (so peak memory is its own):
 
@@ -11,7 +12,8 @@ For each problem and optimizer it measures, each in a fresh subprocess (so peak 
 
 and prints a Markdown table: seeds·steps per second, speed-up over the loop, and peak memory
 (CPU: growth of the process's peak RSS over its resident size after set-up; CUDA: peak
-allocated). Timings exclude set-up and one warm-up step (the compile for ``compiled``).
+allocated). Timings exclude set-up and warm-up steps (the compilation for ``compiled``); each is the
+best of ``--repeat`` repetitions (a shared machine only ever slows a measurement down).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS: int | None = None
+REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
 
 
 def rss_kib(field: str) -> int:
@@ -81,12 +84,14 @@ def measure(mode: str, problem_name: str, optimizer: str, seeds: int, steps: int
         params, state, order = runs[0]
         step(params, state, inputs[order[0]], targets[order[0]])  # warm-up
         sync()
-        start = time.perf_counter()
-        for params, state, order in runs:
-            for t in range(1, steps + 1):
-                params, state, value = step(params, state, inputs[order[t]], targets[order[t]])
-        sync()
-        elapsed = time.perf_counter() - start
+        times = []
+        for _ in range(REPEAT):
+            start = time.perf_counter()
+            for params, state, order in runs:
+                for t in range(1, steps + 1):
+                    params, state, value = step(params, state, inputs[order[t]], targets[order[t]])
+            sync()
+            times.append(time.perf_counter() - start)
     else:
         trainer = BatchedTrainer(problem, spec, config, device)
         params, state = trainer.initial(keys)
@@ -98,17 +103,23 @@ def measure(mode: str, problem_name: str, optimizer: str, seeds: int, steps: int
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        with torch.no_grad():
-            params, state, _, _ = trainer._step(params, state, inputs[orders[0]], targets[orders[0]])
+        with torch.no_grad():  # two warm-up steps: the compiled step specialises once more after
+            for _ in range(2):  # the first (its output state aliases lr and applied_lr)
+                params, state, _, _ = trainer._step(params, state, inputs[orders[0]], targets[orders[0]])
         sync()
         result["warmup_s"] = time.perf_counter() - start  # includes compilation
-        start = time.perf_counter()
+        times = []
         with torch.no_grad():
-            for t in range(1, steps + 1):
-                params, state, _, _ = trainer._step(params, state, inputs[orders[t]], targets[orders[t]])
-        sync()
-        elapsed = time.perf_counter() - start
+            for _ in range(REPEAT):
+                start = time.perf_counter()
+                for t in range(1, steps + 1):
+                    params, state, _, _ = trainer._step(params, state, inputs[orders[t]],
+                                                        targets[orders[t]])
+                sync()
+                times.append(time.perf_counter() - start)
+    elapsed = min(times)  # the best repetition: the machine may be shared
     result["seconds"] = elapsed
+    result["repeats"] = [round(t, 4) for t in times]
     result["seed_steps_per_s"] = seeds * steps / elapsed
     result["peak_mib"] = ((torch.cuda.max_memory_allocated() / 2**20) if cuda
                           else (rss_kib("VmHWM") - baseline) / 1024)
@@ -136,6 +147,7 @@ def main() -> None:
     parser.add_argument("--optimizers", default="sgd_hd,adam_hd")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions; the best counts")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -144,6 +156,7 @@ def main() -> None:
         return
     global THREADS
     THREADS = args.threads
+    os.environ["BENCH_REPEAT"] = str(args.repeat)
     modes = ["loop", "batched"] + ([] if args.no_compile else ["compiled"])
     rows = []
     print(f"load average before: {os.getloadavg()[0]:.2f}; cores: {os.cpu_count()}", file=sys.stderr)
@@ -158,7 +171,9 @@ def main() -> None:
                     loop_rate = r["seed_steps_per_s"]
                 rows.append((r, loop_rate))
                 print(json.dumps(r), file=sys.stderr)
-    print(f"\nS = {args.seeds} seeds, batch 128, device {args.device}, "
+    print(f"\nS = {args.seeds} seeds, batch 128, device {args.device}, threads "
+          f"{args.threads or 'torch default'}, best of {args.repeat} repetitions of {args.steps} steps "
+          f"(loop: {args.loop_steps or args.steps} steps per seed); "
           f"load average after: {os.getloadavg()[0]:.2f}\n")
     print("| problem (params) | optimizer | mode | seeds·steps/s | speed-up vs loop | peak memory (MiB) | warm-up/compile (s) |")
     print("|---|---|---|---:|---:|---:|---:|")

@@ -8,7 +8,7 @@ import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 # page -> a line its blocks must print
-PAGES = {"example.md": "lr 1e-3 ->", "optim.md": "(started at 1e-3)"}
+PAGES = {"example.md": "lr 1e-3 ->", "optim.md": "(started at 1e-3)", "studies.md": "sgd_hd vs sgd"}
 
 
 @pytest.mark.parametrize("page", sorted(PAGES))

@@ -249,6 +249,16 @@ def test_config_validation_and_optimizer_specs(tmp_path):
         StudyConfig(lr0=[-1.0], steps=1)
     with pytest.raises(ValueError, match="unknown option"):
         make_problem("classification", hidn=3)
+    assert StudyConfig(steps=1, lr0="1e-6:1e-1:6").lr0 == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    assert StudyConfig(steps=1, beta="1e-4:1e-2:3").beta == [1e-4, 1e-3, 1e-2]
+    args = cli.build_parser().parse_args(["--lr0", "1e-3:1e-1:5", "--threads", "1"])
+    assert cli.config_from_args(args).lr0 == pytest.approx([1e-3, 10**-2.5, 1e-2, 10**-1.5, 1e-1])
+    with pytest.raises(ValueError, match="low:high:n"):
+        StudyConfig(steps=1, lr0="1e-3:1e-1")
+    with pytest.raises(ValueError, match="threads"):
+        StudyConfig(steps=1, threads=0)
+    with pytest.raises(ValueError, match="unknown device"):
+        run_study(tiny_config(device="gpu0"), progress=False)
     config = StudyConfig(steps=1, beta={"sgd_hd": [1e-2, 1e-3]})
     assert config.betas_for(config.optimizer_specs[1]) == [1e-2, 1e-3]
     assert config.betas_for(config.optimizer_specs[3]) == [1e-7]  # the paper's Adam-HD β
@@ -274,3 +284,25 @@ def test_refuses_to_overwrite_or_resume_a_different_study(tmp_path):
         run_study(dataclasses.replace(config, steps=4), tmp_path, resume=True, progress=False)
     again = run_study(config, tmp_path, resume=True, progress=False, plots=False)  # nothing to do
     assert len(again.runs) == 1
+
+
+def test_chunks_fit_the_memory_budget_and_change_nothing(monkeypatch):
+    """With room for 2.5 runs the engine trains chunks of 2; results equal one big chunk."""
+    from hdfunc.studies import engine
+    config = tiny_config(optimizers=["sgd_hd"], seeds=[0, 1, 2], lr0=[1e-2, 3e-2], beta=[1e-3])
+    problem = make_problem(config.problem, **config.problem_options)
+    whole = run_study(config, progress=False)
+    per_run = engine.bytes_per_run(problem, engine.make_rule(config.optimizer_specs[0], 1e-3, 1e-3, config),
+                                   config.batch_size, 4)
+    assert per_run > 4 * problem.num_parameters()  # params, grads, updates, state, activations
+    monkeypatch.setattr(engine, "available_memory", lambda device: int(2.5 * per_run))
+    assert engine.choose_chunk_size(config, problem, torch.device("cpu")) == 2
+    sizes = []
+    original = engine.BatchedTrainer.run
+    monkeypatch.setattr(engine.BatchedTrainer, "run",
+                        lambda self, keys, **kw: sizes.append(len(keys)) or original(self, keys, **kw))
+    chunked = run_study(config, progress=False)
+    assert sizes == [2, 2, 2]
+    for key, (loss, lr) in whole.curves.items():
+        np.testing.assert_allclose(chunked.curves[key][0], loss, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(chunked.curves[key][1], lr, rtol=1e-6, atol=1e-12)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not mnist_available(),
 
 def test_sgd_hd_reaches_lower_loss_than_sgd_on_every_seed(tmp_path):
     config = StudyConfig.from_toml(REPO / "studies" / "quick_mnist.toml",
-                                   optimizers=["sgd", "sgd_hd"], steps=150)
+                                   optimizers=["sgd", "sgd_hd"], steps=150, threads=1)
     assert (config.batch_size, config.weight_decay, config.lr0) == (128, 1e-4, [1e-3])
     results = run_study(config, tmp_path, progress=False)
     sgd = results.final_losses("sgd", 1e-3)

@@ -46,9 +46,13 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_mid_chunk(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error, changes, saved", [
+    (Interrupt, {"checkpoint_every": 5}, 15),  # a crash: back to the last periodic checkpoint
+    (KeyboardInterrupt, {"checkpoint_every": 0, "checkpoint_seconds": 1e9}, 17),  # Ctrl-C: saved
+])
+def test_resume_after_interruption_mid_chunk(tmp_path, monkeypatch, error, changes, saved):
     reference = tmp_path / "reference"
-    run_study(config(), reference, progress=False, plots=False)
+    run_study(config(**changes), reference, progress=False, plots=False)
 
     calls = {"n": 0}
     original = BatchedTrainer._make_step
@@ -58,29 +62,28 @@ def test_resume_after_interruption_mid_chunk(tmp_path, monkeypatch):
 
         def counted(*args):
             calls["n"] += 1
-            if calls["n"] == 30 + 30 + 17:  # two chunks done, third at step 17 (checkpoint at 15)
-                raise Interrupt
+            if calls["n"] == 30 + 30 + 18:  # two chunks done, third interrupted in step 18
+                raise error
             return step(*args)
         return counted
 
     monkeypatch.setattr(BatchedTrainer, "_make_step", failing_make_step)
     out = tmp_path / "interrupted"
-    with pytest.raises(Interrupt):
-        run_study(config(), out, progress=False, plots=False)
+    with pytest.raises(error):
+        run_study(config(**changes), out, progress=False, plots=False)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed_chunks"] == ["0000", "0001"] and not summary["complete"]
-    assert (out / "checkpoints" / "chunk-0002.pt").is_file()
+    checkpoint = torch.load(out / "checkpoints" / "chunk-0002.pt", weights_only=False)
+    assert checkpoint["step"] == saved
     with open(out / "steps.csv", "a") as f:  # a torn write after the last summary is cut off
         f.write("sgd,0.001,0.0,9,1,0.5")
 
-    monkeypatch.setattr(BatchedTrainer, "_make_step", original)
     steps_before = calls["n"]
-    monkeypatch.setattr(BatchedTrainer, "_make_step", failing_make_step)
     calls["n"] = -10**9  # never fail again; count the steps the resumed study trains
-    run_study(config(), out, resume=True, progress=False, plots=False)
+    run_study(config(**changes), out, resume=True, progress=False, plots=False)
     resumed_steps = calls["n"] + 10**9
-    assert resumed_steps == (30 - 15) + 30  # the rest of chunk 2 and chunk 3 only
-    assert steps_before == 77
+    assert steps_before == 78
+    assert resumed_steps == (30 - saved) + 30  # the rest of chunk 2 and chunk 3 only
     assert outputs(out) == outputs(reference)
     assert not list((out / "checkpoints").glob("*.pt"))
 

@@ -16,11 +16,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hdfunc.studies.config import StudyConfig, parse_optimizer
+from hdfunc.studies.config import StudyConfig, log_grid, parse_optimizer
 from hdfunc.studies.problems import PROBLEMS
 
 
 def _floats(text: str) -> list[float]:
+    """``1e-1,1e-2`` or a log-spaced grid ``1e-6:1e-1:6``."""
+    if ":" in text:
+        try:
+            return log_grid(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
     try:
         return [float(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError as error:
@@ -86,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizers", type=_optimizers,
                         help="comma-separated rules, e.g. sgd,sgd_hd,adam,adam_hd or "
                              "sgd_hd:mode=multiplicative")
-    parser.add_argument("--lr0", type=_floats, help="initial learning rates, e.g. 1e-1,1e-2,1e-3")
-    parser.add_argument("--beta", type=_beta, help="hypergradient rates: 1e-3,1e-4 or sgd_hd=1e-3,adam_hd=1e-7")
+    parser.add_argument("--lr0", type=_floats, help="initial learning rates, e.g. 1e-1,1e-2,1e-3 or 1e-6:1e-1:6 (log-spaced)")
+    parser.add_argument("--beta", type=_beta, help="hypergradient rates: 1e-3,1e-4 (or 1e-5:1e-2:4) for every HD rule, or "
+                        "sgd_hd=1e-3,adam_hd=1e-7")
     parser.add_argument("--seeds", type=_seeds, help="8 (seeds 0..7), 0-15 or 3,5,7")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--steps", type=int, help="iterations per run")
@@ -95,10 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--weight-decay", type=float)
     parser.add_argument("--momentum", type=float)
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", help="cpu (default), cuda, cuda:1, ... or auto (cuda if available)")
     parser.add_argument("--dtype", choices=["float32", "float64"])
     parser.add_argument("--chunk-size", type=int, help="runs trained at once (default: what fits)")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the batched step")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is often "
+                        "fastest for small problems or on a busy machine)")
     parser.add_argument("--log-every", type=int, help="steps between CSV rows")
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: by time)")
     parser.add_argument("--name", help="study name shown in plots")
@@ -108,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FIELDS = ("problem", "optimizers", "lr0", "beta", "seeds", "steps", "epochs", "batch_size",
-          "weight_decay", "momentum", "device", "dtype", "chunk_size", "compile", "log_every",
+          "weight_decay", "momentum", "device", "dtype", "chunk_size", "compile", "threads", "log_every",
           "checkpoint_every", "name")
 
 

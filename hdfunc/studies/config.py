@@ -18,7 +18,8 @@ import hdfunc
 PAPER_BETA = {"sgd_hd": 1e-3, "sgdn_hd": 1e-3, "adam_hd": 1e-7, "adamw_hd": 1e-7}
 BASE_OF = {hd: base for base, hd in hdfunc.HD_OF.items()}
 #: Options of the study that do not change its numbers (free to change on --resume).
-RUNTIME_FIELDS = ("device", "compile", "checkpoint_every", "checkpoint_seconds", "chunk_size")
+RUNTIME_FIELDS = ("device", "compile", "checkpoint_every", "checkpoint_seconds", "chunk_size",
+                  "threads")
 
 
 class RunKey(NamedTuple):
@@ -71,6 +72,24 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+def log_grid(text: str) -> list[float]:
+    """``"low:high:n"`` → n values log-spaced from ``low`` to ``high`` (both included), e.g.
+    ``"1e-6:1e-1:6"`` → [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]."""
+    parts = text.replace(" ", "").split(":")
+    try:
+        low, high, count = float(parts[0]), float(parts[1]), int(parts[2])
+        if len(parts) != 3:
+            raise ValueError
+    except (ValueError, IndexError) as error:
+        raise ValueError(f"a log-spaced grid is written low:high:n, e.g. 1e-6:1e-1:6; got {text!r}") from error
+    if not (low > 0 and high > 0 and count >= 1):
+        raise ValueError(f"log-spaced grid {text!r}: low and high must be positive and n >= 1")
+    if count == 1:
+        return [low]
+    step = (math.log10(high) - math.log10(low)) / (count - 1)
+    return [float(f"{10 ** (math.log10(low) + i * step):.12g}") for i in range(count)]
+
+
 def parse_optimizer(spec: str | dict | OptimizerSpec) -> OptimizerSpec:
     """An :class:`OptimizerSpec` from ``"name[:key=value...]"`` or a dict with ``name``."""
     if isinstance(spec, OptimizerSpec):
@@ -111,7 +130,7 @@ class StudyConfig:
     problem: str = "classification"
     problem_options: dict = field(default_factory=dict)
     optimizers: list = field(default_factory=lambda: ["sgd", "sgd_hd", "adam", "adam_hd"])
-    lr0: list = field(default_factory=lambda: [1e-3])
+    lr0: list = field(default_factory=lambda: [1e-3])  # or "low:high:n" (log-spaced)
     #: β values for every HD optimizer (a list), per optimizer label (a dict of lists), or None
     #: for the paper's value of each HD rule (:data:`PAPER_BETA`).
     beta: Any = None
@@ -125,6 +144,7 @@ class StudyConfig:
     dtype: str = "float32"
     chunk_size: int | None = None  # runs trained at once; None: as many as fit in memory
     compile: bool = False  # torch.compile the batched step
+    threads: int | None = None  # torch intra-op CPU threads while the study runs; None: torch's
     eval_final: bool = True  # final loss over the whole training set (else: last minibatch)
     log_every: int = 1  # steps between rows of the CSV (the first and last step always)
     checkpoint_every: int = 0  # steps between mid-chunk checkpoints; 0: every checkpoint_seconds
@@ -217,12 +237,16 @@ class StudyConfig:
         labels = [s.label for s in specs]
         if len(set(labels)) != len(labels):
             raise ValueError(f"optimizer labels must be distinct, got {labels}")
+        if isinstance(self.lr0, str):
+            self.lr0 = log_grid(self.lr0)
         if isinstance(self.lr0, (int, float)):
             self.lr0 = [self.lr0]
         if not self.lr0 or any(not isinstance(x, (int, float)) or not x > 0 or not math.isfinite(x)
                                for x in self.lr0):
             raise ValueError(f"lr0 must be a non-empty list of positive finite numbers, got {self.lr0}")
         if self.beta is not None:
+            if isinstance(self.beta, str):
+                self.beta = log_grid(self.beta)
             if isinstance(self.beta, (int, float)):
                 self.beta = [self.beta]
             values = (self.beta.values() if isinstance(self.beta, dict) else [self.beta])
@@ -249,6 +273,8 @@ class StudyConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {self.threads!r}")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {self.chunk_size!r}")
         if self.dtype not in ("float32", "float64"):
@@ -264,6 +290,6 @@ def demo_config(**changes: Any) -> StudyConfig:
     Adam-HD at the paper's α_0 = 1e-3 on synthetic 5-class classification, 100 iterations."""
     settings = dict(name="demo", problem="classification", problem_options={"n_samples": 1024},
                     optimizers=["sgd", "sgd_hd", "adam", "adam_hd"], lr0=[1e-3], seeds=8,
-                    steps=100)
+                    steps=100, threads=1)  # one thread: fastest for a problem this small
     settings.update(changes)
     return StudyConfig(**settings)

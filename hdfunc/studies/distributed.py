@@ -47,15 +47,17 @@ def run_distributed(config: StudyConfig, out_dir: str | Path, *, resume: bool = 
     from hdfunc.studies.engine import run_study
     from hdfunc.studies.results import merge_studies
 
+    from hdfunc.studies.engine import resolve_device
+
     created = False
     if not dist.is_initialized():
-        device_type = torch.device(config.device).type
+        device_type = resolve_device(config.device).type
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timeout)
         created = True
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        device = config.device
+        device = str(resolve_device(config.device))
         if torch.device(device).type == "cuda" and torch.device(device).index is None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank % max(1, torch.cuda.device_count())))}"
         shard = dataclasses.replace(config, seeds=shard_seeds(config.seed_list, rank, world),

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 import hdfunc
 from hdfunc.studies.config import OptimizerSpec, RunKey, StudyConfig
@@ -93,7 +93,13 @@ def applied_rate(state: Any) -> torch.Tensor:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
+    """``torch.device(device)``; ``"auto"`` is CUDA when available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r} (cpu, cuda, cuda:N or auto)") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available in this torch build")
     return device
@@ -209,17 +215,17 @@ class BatchedTrainer:
         return torch.compile(batched) if self.config.compile else batched
 
     def initial(self, keys: tuple[RunKey, ...]) -> tuple[dict, Any]:
-        """Stacked initial params (each run: its seed's init) and states (its α_0 and β)."""
-        per_seed: dict[int, dict] = {}
-        params, states = [], []
+        """Stacked initial params (each run: its seed's model, stacked with
+        ``torch.func.stack_module_state``) and states (each run: ``rule.init`` with its α_0, β)."""
+        models: dict[int, torch.nn.Module] = {}
         for key in keys:
-            if key.seed not in per_seed:
-                per_seed[key.seed] = {k: v.to(self.device, self.dtype)
-                                      for k, v in self.problem.init_params(key.seed).items()}
-            p = per_seed[key.seed]
-            params.append(p)
-            states.append(make_rule(self.spec, key.lr0, key.beta, self.config).init(p))
-        return stack_trees(params), stack_trees(states)
+            if key.seed not in models:
+                models[key.seed] = self.problem.init_model(key.seed)
+        stacked, _ = stack_module_state([models[key.seed] for key in keys])
+        params = {k: v.detach().to(self.device, self.dtype) for k, v in stacked.items()}
+        states = [make_rule(self.spec, key.lr0, key.beta, self.config).init(
+                  {k: v[i] for k, v in params.items()}) for i, key in enumerate(keys)]
+        return params, stack_trees(states)
 
     def full_loss(self, params: dict, max_elements: int = 1 << 25) -> torch.Tensor:
         """Mean loss over the whole training set of each run (shape (S,)), in data batches."""
@@ -258,25 +264,37 @@ class BatchedTrainer:
         seeds = [k.seed for k in keys]
         block = max(1, min(total, (1 << 22) // max(1, runs * self.config.batch_size)))
         last_save = time.monotonic()
+        # (steps done, params, state) as one value, replaced in a single assignment after the
+        # step's loss and rate are stored: whenever an interrupt lands, it is consistent
+        snapshot = (start, params, state)
+        saved_at = start
         with torch.no_grad():
-            for block_start in range(start, total, block):
-                count = min(block, total - block_start)
-                indices = torch.stack([
-                    minibatch_indices(s, block_start, count, self.problem.num_examples,
-                                      self.config.batch_size) for s in seeds], dim=1).to(self.device)
-                for offset in range(count):
-                    t = block_start + offset
-                    batch = indices[offset]  # (S, B)
-                    params, state, loss, rate = self._step(params, state, self.inputs[batch],
-                                                           self.targets[batch])
-                    losses[:, t] = loss
-                    rates[:, t] = rate
-                    if progress is not None:
-                        progress.update(1)
-                    done = t + 1
-                    if checkpoint is not None and done < total and self._due(done, last_save):
-                        self._save(checkpoint, keys, total, done, params, state, losses, rates)
-                        last_save = time.monotonic()
+            try:
+                for block_start in range(start, total, block):
+                    count = min(block, total - block_start)
+                    indices = torch.stack([
+                        minibatch_indices(s, block_start, count, self.problem.num_examples,
+                                          self.config.batch_size) for s in seeds],
+                        dim=1).to(self.device)
+                    for offset in range(count):
+                        t = block_start + offset
+                        batch = indices[offset]  # (S, B)
+                        new_params, new_state, loss, rate = self._step(
+                            snapshot[1], snapshot[2], self.inputs[batch], self.targets[batch])
+                        losses[:, t] = loss
+                        rates[:, t] = rate
+                        snapshot = (t + 1, new_params, new_state)
+                        if progress is not None:
+                            progress.update(1)
+                        done = t + 1
+                        if checkpoint is not None and done < total and self._due(done, last_save):
+                            self._save(checkpoint, keys, total, *snapshot, losses, rates)
+                            saved_at, last_save = done, time.monotonic()
+            except KeyboardInterrupt:  # Ctrl-C / SIGINT: keep the steps trained so far
+                if checkpoint is not None and saved_at < snapshot[0] < total:
+                    self._save(checkpoint, keys, total, *snapshot, losses, rates)
+                raise
+            params = snapshot[1]
             if self.config.eval_final:
                 final = self.full_loss(params)
             else:
@@ -346,6 +364,9 @@ def run_study(config: StudyConfig, out_dir: str | Path | None = None, *, resume:
         outer = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc="chunks", unit="chunk")
         bar = tqdm(total=1, desc="steps", unit="step", leave=False)
     trainers: dict[str, BatchedTrainer] = {}
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     try:
         for chunk in todo:
             if chunk.spec.label not in trainers:
@@ -359,6 +380,7 @@ def run_study(config: StudyConfig, out_dir: str | Path | None = None, *, resume:
             if outer is not None:
                 outer.update(1)
     finally:
+        torch.set_num_threads(threads)
         for b in (bar, outer):
             if b is not None:
                 b.close()

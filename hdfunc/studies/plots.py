@@ -54,10 +54,11 @@ def mean_band(curves: np.ndarray, confidence: float = 0.95) -> tuple:
     return mean, mean - half, mean + half
 
 
-def _grid(count: int) -> tuple[plt.Figure, list]:
-    cols = min(count, 3)
+def _grid(count: int, cols: int | None = None) -> tuple[plt.Figure, list]:
+    cols = min(count, cols or 3)
     rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    width = max(4.6 * cols, 7.0)  # room for the title above a single panel
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 3.4 * rows), squeeze=False)
     flat = list(axes.flat)
     for ax in flat[count:]:
         ax.set_visible(False)
@@ -75,13 +76,21 @@ def plot_curves(results: Any, path: Path, which: str) -> Path | None:
     if not results.curves:
         return None
     lr0s = [float(x) for x in config.lr0]
-    fig, axes = _grid(len(lr0s))
+    specs = config.optimizer_specs
+    if which == "loss":  # one panel per α_0, all optimizers together
+        panels = [(lr0, specs, f"α₀ = {lr0:g}") for lr0 in lr0s]
+        fig, axes = _grid(len(panels))
+    else:  # rates differ by orders of magnitude between families: one panel per α_0 and family
+        families = list(dict.fromkeys(s.base_name for s in specs))
+        panels = [(lr0, [s for s in specs if s.base_name == family], f"{family}, α₀ = {lr0:g}")
+                  for lr0 in lr0s for family in families]
+        fig, axes = _grid(len(panels), cols=len(families))
     index = 0 if which == "loss" else 1
     window = max(1, len(results.steps) // 50) if which == "loss" else 1
     keep = _thin(results.steps)
     positive = True
-    for ax, lr0 in zip(axes, lr0s):
-        for spec in config.optimizer_specs:
+    for ax, (lr0, panel_specs, title) in zip(axes, panels):
+        for spec in panel_specs:
             betas = config.betas_for(spec)
             for beta in betas:
                 curves = [results.curves[r.key][index] for r in results.runs
@@ -95,7 +104,7 @@ def plot_curves(results: Any, path: Path, which: str) -> Path | None:
                 x = results.steps[keep]
                 line, = ax.plot(x, mean[keep], lw=1.3, label=_label(spec.label, beta, len(betas)))
                 ax.fill_between(x, low[keep], high[keep], color=line.get_color(), alpha=0.2, lw=0)
-        ax.set_title(f"α₀ = {lr0:g}", fontsize=10)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
         ax.set_ylabel("training loss (minibatch)" if which == "loss" else "learning rate α_t")
         ax.grid(alpha=0.3)

@@ -46,15 +46,19 @@ class Problem:
     def num_examples(self) -> int:
         return int(self.targets.shape[0])
 
-    def init_params(self, seed: int) -> dict[str, torch.Tensor]:
-        """The initial parameters of seed ``seed``: the model's own initialisation, drawn on the
-        CPU under ``torch.manual_seed(seed)`` (so the same on every device) without touching the
-        caller's RNG state."""
+    def init_model(self, seed: int) -> nn.Module:
+        """The model of seed ``seed`` with its own initialisation, drawn on the CPU under
+        ``torch.manual_seed(seed)`` (so the same on every device) without touching the caller's
+        RNG state."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = self.build_model()
         _check_no_buffers(model, self.name)
-        return {name: p.detach().clone() for name, p in model.named_parameters()}
+        return model
+
+    def init_params(self, seed: int) -> dict[str, torch.Tensor]:
+        """The initial parameters of seed ``seed`` (those of :meth:`init_model`)."""
+        return {name: p.detach().clone() for name, p in self.init_model(seed).named_parameters()}
 
     def template(self) -> nn.Module:
         """A parameter-free copy of the model (on the meta device) for ``functional_call``."""

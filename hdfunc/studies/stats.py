@@ -134,4 +134,7 @@ def format_table(statistics: dict) -> str:
                          f"{str(r['hd_better']) + '/' + str(r['n']):>9} "
                          f"{_num(r['median_difference'], '.3g'):>11} {_num(r['wilcoxon_p'], '.3g'):>11} "
                          f"{_num(r['sign_test_p'], '.3g'):>9}")
+        lines.append("(paired by seed: same initialisation and minibatches; HD lower: seeds where "
+                     "the HD run ends with the lower final loss; median Δ = HD - base; "
+                     "one-sided p-values)")
     return "\n".join(lines) if lines else "(no finished runs)"
