@@ -68,14 +68,7 @@ def assert_all_pass(outcomes):
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The problems are tiny: one intra-op thread is much faster than several contending ones
-    (as in ``verification.run``); restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @PROFILE
 @given(problems(dtypes=(torch.float64, torch.float32)), rules(), st.integers(2, 8))

@@ -23,13 +23,7 @@ from hdfunc.studies.engine import BatchedTrainer
 TINY = {"dim": 6, "classes": 3, "n_samples": 96, "hidden": 5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems run fastest (and steadiest on a shared CPU) on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**changes) -> StudyConfig:

@@ -28,14 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The problems are tiny: one intra-op thread is much faster than several contending ones
-    (as in ``verification.run``); restored after this module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ----------------------------------------------------------------------------- end to end
 
