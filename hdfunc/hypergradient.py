@@ -367,6 +367,15 @@ def _replace_node(state: Any, old: Any, new: Any) -> Any:
     return state
 
 
+def replace_lr_state(state: Any, **changes: Any) -> Any:
+    """A copy of ``state`` (rebuilt, nothing mutated) whose learning-rate node (see
+    :func:`find_lr_state`) has the fields in ``changes`` replaced."""
+    node = find_lr_state(state)
+    if node is None:
+        raise TypeError(f"no learning rate found in a state of type {type(state).__name__}")
+    return _replace_node(state, node, node._replace(**changes))
+
+
 def get_lr(state: Any) -> PyTree:
     """The current learning rate α_t of a rule's state: a 0-d tensor (global rate) or a pytree
     like the params (per-tensor / per-element rates). With HD this is the rate the next step
@@ -376,6 +385,15 @@ def get_lr(state: Any) -> PyTree:
     if node is None:
         raise TypeError(f"no learning rate found in a state of type {type(state).__name__}")
     return node.lr
+
+
+def get_applied_lr(state: Any) -> PyTree:
+    """γ_t: the rate the step that made ``state`` applied (``applied_lr`` of the HD node; α_t
+    itself for a rule without a transition or a fixed-rate rule)."""
+    node = find_lr_state(state)
+    if node is None:
+        raise TypeError(f"no learning rate found in a state of type {type(state).__name__}")
+    return node.applied_lr if "applied_lr" in node._fields else node.lr
 
 
 def freeze_lr(state: Any, lr: PyTree) -> Any:
@@ -395,7 +413,7 @@ def freeze_lr(state: Any, lr: PyTree) -> Any:
         changes["final_lr"] = lr
     if "lr_sensitivity" in fields and tree_leaves(node.lr_sensitivity):
         changes["lr_sensitivity"] = tree_zeros_like(node.lr_sensitivity)
-    return _replace_node(state, node, node._replace(**changes))
+    return replace_lr_state(state, **changes)
 
 
 def freeze_hypergrad_lr(state: Any, hypergrad_lr: torch.Tensor) -> Any:
@@ -408,4 +426,4 @@ def freeze_hypergrad_lr(state: Any, hypergrad_lr: torch.Tensor) -> Any:
     changes: dict[str, Any] = {"hypergrad_lr": hypergrad_lr}
     if "lr_sensitivity" in node._fields and tree_leaves(node.lr_sensitivity):
         changes["lr_sensitivity"] = tree_zeros_like(node.lr_sensitivity)
-    return _replace_node(state, node, node._replace(**changes))
+    return replace_lr_state(state, **changes)

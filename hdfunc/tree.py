@@ -6,7 +6,7 @@ NamedTuples nested in any way, with tensors at the leaves. ``None`` is an empty 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -33,6 +33,12 @@ def first_leaf(tree: PyTree) -> torch.Tensor:
     if not leaves:
         raise ValueError("expected a pytree with at least one tensor, got an empty one")
     return leaves[0]
+
+
+def tree_stack(trees: list) -> PyTree:
+    """Pytrees of the same structure stacked leaf-wise along a new leading dimension (a batch
+    for ``vmap``: seeds, or a grid of learning rates)."""
+    return tree_map(lambda *leaves: torch.stack(leaves), *trees)
 
 
 def tree_vdot(a: PyTree, b: PyTree, dtype: torch.dtype) -> torch.Tensor:

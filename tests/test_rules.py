@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch.func import grad, jvp, vmap
 
 import hdfunc
-from hdfunc.tree import tree_flatten, tree_leaves, tree_map
+from hdfunc.tree import tree_flatten, tree_leaves, tree_map, tree_stack
 from helpers import flat_grad_fn, make_problem, run
 from reference import run_reference
 
@@ -192,7 +192,7 @@ def test_vmap_over_seeds_equals_a_loop(make_rule):
     rule = make_rule()
     problems = [make_problem(seed=s) for s in range(4)]
     loss = problems[0][1]  # the data are the same for the loss; vary the initial params
-    stacked = tree_map(lambda *xs: torch.stack(xs), *[p for p, _ in problems])
+    stacked = tree_stack([p for p, _ in problems])
     state = vmap(rule.init)(stacked)
     params = stacked
 
@@ -214,7 +214,7 @@ def test_lr_grid_by_stacking_states():
     params, loss = make_problem()
     grid = [(0.01, 0.0), (0.03, 0.01), (0.1, 0.001)]
     rules = [hdfunc.sgdn_hd(a, b) for a, b in grid]
-    states = tree_map(lambda *xs: torch.stack(xs), *[r.init(params) for r in rules])
+    states = tree_stack([r.init(params) for r in rules])
     batch = tree_map(lambda x: torch.stack([x] * len(grid)), params)
 
     def step(p, s):
@@ -382,6 +382,23 @@ def test_get_lr_has_the_rate_structure():
     assert [x.shape for x in tree_leaves(per_element)] == [p.shape for p in tree_leaves(params)]
     with pytest.raises(TypeError, match="no learning rate"):
         hdfunc.get_lr((torch.zeros(()),))
+
+
+def test_applied_lr_follows_the_transition_and_replace_keeps_the_rest():
+    """γ_t = δ(t) α_t + (1 - δ(t)) α_∞ with δ(t) = 1/t² (§5.1); without a transition γ_t = α_t."""
+    params, loss = make_problem()
+    state = run(hdfunc.sgd_hd(0.1, 0.01, final_lr=0.02), params, loss, 2)[-1][1]
+    expected = 0.25 * hdfunc.get_lr(state) + 0.75 * 0.02
+    torch.testing.assert_close(hdfunc.get_applied_lr(state), expected, rtol=1e-15, atol=0)
+    assert float(hdfunc.get_lr(state)) != 0.1  # α really moved, so γ ≠ α
+    plain = run(hdfunc.sgd_hd(0.1, 0.01), params, loss, 2)[-1][1]
+    assert hdfunc.get_applied_lr(plain) is hdfunc.get_lr(plain)
+    replaced = hdfunc.replace_lr_state(state, lr=torch.tensor(0.5, dtype=torch.float64))
+    assert float(hdfunc.get_lr(replaced)) == 0.5 and float(hdfunc.get_lr(state)) != 0.5
+    node, new_node = hdfunc.find_lr_state(state), hdfunc.find_lr_state(replaced)
+    assert new_node.hypergrad is node.hypergrad and new_node.count is node.count
+    with pytest.raises(TypeError, match="no learning rate"):
+        hdfunc.get_applied_lr((torch.zeros(()),))
 
 
 def test_higher_order_sgd_hd_uses_the_closed_form_hyper_hypergradient():
