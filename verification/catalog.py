@@ -12,19 +12,17 @@ import importlib
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 from torch.func import grad
 
 import hdfunc
-from hdfunc.tree import tree_leaves
+from hdfunc.hypergradient import GRANULARITIES, MODES
+from hdfunc.tree import tree_leaves, tree_sq_norm
 
 from verification.problems import Problem
-
-GRANULARITIES = ("global", "tensor", "element")
-MODES = ("additive", "multiplicative")
 
 
 @dataclass(frozen=True)
@@ -72,7 +70,7 @@ class RuleSpec:
 
 
 def _norm(tree: Any) -> float:
-    return math.sqrt(sum(float((x.double() ** 2).sum()) for x in tree_leaves(tree)))
+    return math.sqrt(float(tree_sq_norm(tree, torch.float64)))
 
 
 def calibrate(spec: RuleSpec, problem: Problem, params: Any = None) -> Calibration:

@@ -23,7 +23,8 @@ from scipy.differentiate import derivative
 from torch.func import grad, hessian, jvp, vmap
 
 import hdfunc
-from hdfunc.tree import PyTree, tree_flatten, tree_leaves, tree_map, tree_unflatten
+from hdfunc.tree import (PyTree, tree_flatten, tree_leaves, tree_map, tree_stack, tree_unflatten,
+                         tree_vdot)
 
 from verification.catalog import Calibration, RuleSpec, calibrate
 from verification.problems import Problem, flatten_params, perturbed_params
@@ -78,14 +79,8 @@ def node_of(state: Any, rule_name: str = "rule") -> Any:
     return node
 
 
-def applied_rate(state: Any) -> PyTree:
-    """γ_{t-1}: the rate the step that made ``state`` applied (α_{t-1} without a transition)."""
-    node = hdfunc.find_lr_state(state)
-    return node.applied_lr if "applied_lr" in node._fields else node.lr
-
-
 def tree_dot(a: PyTree, b: PyTree) -> torch.Tensor:
-    return sum((x.double() * y.double()).sum() for x, y in zip(tree_leaves(a), tree_leaves(b)))
+    return tree_vdot(a, b, torch.float64)
 
 
 def tree_abs_dot(a: PyTree, b: PyTree) -> float:
@@ -123,19 +118,20 @@ def tangent_like(rate: PyTree, gen: torch.Generator, *, random: bool) -> PyTree:
     return tree_map(one, rate)
 
 
-def replace_node(state: Any, **changes: Any) -> Any:
-    """A copy of ``state`` with fields of its HD node replaced (a pure rebuild)."""
-    node = hdfunc.find_lr_state(state)
+def step_with(rule: Any, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any]:
+    """(θ, state) after one update of ``rule`` from (``params``, ``state``) with ``grads``."""
+    updates, state = rule.update(grads, state, params)
+    return hdfunc.apply_updates(params, updates), state
 
-    def rebuild(item: Any) -> Any:
-        if item is node:
-            return node._replace(**changes)
-        if isinstance(item, (tuple, list)):
-            items = [rebuild(x) for x in item]
-            return type(item)(*items) if hasattr(item, "_fields") else type(item)(items)
-        return item
 
-    return rebuild(state)
+def roll(rule: Any, loss: Callable, params: PyTree, state: Any, steps: int,
+         rate: PyTree = None) -> tuple[PyTree, Any]:
+    """(θ_K, state_K) after ``steps`` steps of ``rule`` on ∇``loss``; with ``rate``, every step
+    applies exactly that rate and does not adapt it (:func:`hdfunc.freeze_lr`)."""
+    for _ in range(steps):
+        frozen = state if rate is None else hdfunc.freeze_lr(state, rate)
+        params, state = step_with(rule, grad(loss)(params), frozen, params)
+    return params, state
 
 
 def run_trajectory(rule: Any, loss: Callable, params: PyTree, steps: int,
@@ -144,10 +140,45 @@ def run_trajectory(rule: Any, loss: Callable, params: PyTree, steps: int,
     state = rule.init(params) if state is None else state
     hist = [(params, state)]
     for _ in range(steps):
-        updates, state = rule.update(grad(loss)(params), state, params)
-        params = hdfunc.apply_updates(params, updates)
+        params, state = step_with(rule, grad(loss)(params), state, params)
         hist.append((params, state))
     return hist
+
+
+def batched_trajectory(rules: Sequence[Any], loss: Callable, starts: Sequence[PyTree],
+                       steps: int) -> list[tuple[PyTree, Any]]:
+    """``hist[k]`` of every (rule, start) pair at once: one ``vmap``-ed trajectory over the
+    stacked params and states. ``rules[0]``'s update serves them all: α and β live in the
+    states, so rules built with different values differ only there."""
+    rule = rules[0]
+    batched_step = vmap(lambda params, state: step_with(rule, grad(loss)(params), state, params))
+    params = tree_stack(list(starts))
+    state = tree_stack([r.init(p) for r, p in zip(rules, starts)])
+    hist = [(params, state)]
+    for _ in range(steps):
+        params, state = batched_step(params, state)
+        hist.append((params, state))
+    return hist
+
+
+def optimizer_trajectory(problem: Problem, make_optimizer: Callable[[list], Any], steps: int,
+                         after_step: Optional[Callable[[Any], None]] = None
+                         ) -> tuple[list, Any]:
+    """``hist[k] = (θ_k, None)`` of a ``torch.optim``-style optimizer in a plain training loop
+    (``zero_grad``, ``backward``, ``step``) from the problem's start, and the optimizer;
+    ``after_step(optimizer)`` is called after every step."""
+    leaves, tree_spec = tree_flatten(problem.params)
+    tensors = [x.detach().clone().requires_grad_(True) for x in leaves]
+    optimizer = make_optimizer(tensors)
+    hist = [(problem.params, None)]
+    for _ in range(steps):
+        optimizer.zero_grad()
+        problem.loss(tree_unflatten(tensors, tree_spec)).backward()
+        optimizer.step()
+        hist.append((tree_unflatten([x.detach().clone() for x in tensors], tree_spec), None))
+        if after_step is not None:
+            after_step(optimizer)
+    return hist, optimizer
 
 
 # ----------------------------------------------------------------------------- finite differences
@@ -293,10 +324,9 @@ def one_step_function(case: Case, t: int) -> tuple[Callable[[PyTree], torch.Tens
     rule, loss = case.rule, case.objective
 
     def f(rate: PyTree) -> torch.Tensor:
-        updates, _ = rule.update(g, hdfunc.freeze_lr(state, rate), params)
-        return loss(hdfunc.apply_updates(params, updates))
+        return loss(step_with(rule, g, hdfunc.freeze_lr(state, rate), params)[0])
 
-    rate = applied_rate(case.hist[t - 1][1])
+    rate = hdfunc.get_applied_lr(case.hist[t - 1][1])
     analytic = node_of(case.hist[t][1], case.spec.name).hypergrad
     return f, rate, analytic
 
@@ -347,6 +377,14 @@ def grid_factors(seeds: int) -> list[float]:
     return [1.0 / (1.0 + 0.5 * (i % 4)) for i in range(seeds)]
 
 
+def grid_rules(spec: RuleSpec, problem: Problem, seeds: int) -> tuple[Calibration, list]:
+    """The calibration and one rule per seed, built with the :func:`grid_factors` of the
+    calibrated (α_0, β)."""
+    calibration = calibrate(spec, problem)
+    return calibration, [spec.make(calibration.lr * c, calibration.hypergrad_lr * c, calibration)
+                         for c in grid_factors(seeds)]
+
+
 def check_one_step_vmapped(spec: RuleSpec, problem: Problem, states: Sequence[int],
                            seeds: int) -> list[Outcome]:
     """The one-step identity for many seeds at once: ``seeds`` perturbed starting points, each
@@ -359,31 +397,17 @@ def check_one_step_vmapped(spec: RuleSpec, problem: Problem, states: Sequence[in
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     if not states or min(states) < 2:
         raise ValueError(f"states must be steps t >= 2, got {tuple(states)}")
-    calibration = calibrate(spec, problem)
-    rules = [spec.make(calibration.lr * c, calibration.hypergrad_lr * c, calibration)
-             for c in grid_factors(seeds)]
+    calibration, rules = grid_rules(spec, problem, seeds)
     rule = rules[0]  # α and β live in the states: one update function serves the whole grid
     starts = [perturbed_params(problem, 0.1, 100 + seed) for seed in range(seeds)]
     loss, objective = problem.loss, spec.objective(problem.loss)
-
-    def step(params: PyTree, state: Any) -> tuple[PyTree, Any]:
-        updates, state = rule.update(grad(loss)(params), state, params)
-        return hdfunc.apply_updates(params, updates), state
-
-    params = tree_map(lambda *xs: torch.stack(xs), *starts)
-    state = tree_map(lambda *xs: torch.stack(xs), *[r.init(p) for r, p in zip(rules, starts)])
-    hist = [(params, state)]
-    batched_step = vmap(step)
-    for _ in range(max(states)):
-        params, state = batched_step(params, state)
-        hist.append((params, state))
+    hist = batched_trajectory(rules, loss, starts, max(states))
 
     def one_step(params: PyTree, state: Any) -> Callable[[PyTree], torch.Tensor]:
         g = grad(loss)(params)
 
         def f(rate: PyTree) -> torch.Tensor:
-            updates, _ = rule.update(g, hdfunc.freeze_lr(state, rate), params)
-            return objective(hdfunc.apply_updates(params, updates))
+            return objective(step_with(rule, g, hdfunc.freeze_lr(state, rate), params)[0])
         return f
 
     def exact_reverse(params: PyTree, state: Any, rate: PyTree) -> PyTree:
@@ -402,7 +426,7 @@ def check_one_step_vmapped(spec: RuleSpec, problem: Problem, states: Sequence[in
     what = "the rule's h_t and the exact d/dalpha f(theta_{t-2}+u_{t-1}(alpha))"
     out = []
     for t in states:
-        rate = applied_rate(hist[t - 1][1])
+        rate = hdfunc.get_applied_lr(hist[t - 1][1])
         analytic = node_of(hist[t][1], spec.name).hypergrad
         params, state = hist[t - 2]
         exact = vmap(exact_reverse)(params, state, rate)
@@ -446,8 +470,7 @@ def check_second_order(case: Case, t: int) -> list[Outcome]:
     one = torch.ones_like(zero)
 
     def theta(s: torch.Tensor) -> PyTree:
-        updates, _ = rule.update(g, hdfunc.freeze_lr(state, tree_axpy(rate, s, w)), params)
-        return hdfunc.apply_updates(params, updates)
+        return step_with(rule, g, hdfunc.freeze_lr(state, tree_axpy(rate, s, w)), params)[0]
 
     second = hessian(lambda s: loss(theta(s)))(zero)
     point, delta = jvp(theta, (zero,), (one,))
@@ -482,11 +505,7 @@ def unrolled_loss(rule: Any, loss: Callable, params: PyTree, state: Any, steps: 
     objective = objective or loss
 
     def run(rate: PyTree) -> torch.Tensor:
-        p, s = params, state
-        for _ in range(steps):
-            updates, s = rule.update(grad(loss)(p), hdfunc.freeze_lr(s, rate), p)
-            p = hdfunc.apply_updates(p, updates)
-        return objective(p)
+        return objective(roll(rule, loss, params, state, steps, rate)[0])
     return run
 
 
@@ -531,18 +550,15 @@ def greedy_vs_exact(spec: RuleSpec, problem: Problem, steps_list: Sequence[int],
         rule = spec.build(calibration)
         starts.append(run_trajectory(rule, problem.loss, params, warmup)[-1])
     rule = spec.build(calibrate(spec, problem))
-    batch_params = tree_map(lambda *xs: torch.stack(xs), *[p for p, _ in starts])
-    batch_states = tree_map(lambda *xs: torch.stack(xs), *[s for _, s in starts])
+    batch_params = tree_stack([p for p, _ in starts])
+    batch_states = tree_stack([s for _, s in starts])
     findings = []
     for steps in steps_list:
         def exact_and_greedy(params: PyTree, state: Any) -> tuple[PyTree, PyTree]:
             rate = hdfunc.find_lr_state(state).lr
             exact = grad(unrolled_loss(rule, problem.loss, params, state, steps,
                                        spec.objective(problem.loss)))(rate)
-            p, s = params, state
-            for _ in range(steps + 1):
-                updates, s = rule.update(grad(problem.loss)(p), hdfunc.freeze_lr(s, rate), p)
-                p = hdfunc.apply_updates(p, updates)
+            _, s = roll(rule, problem.loss, params, state, steps + 1, rate)
             return exact, hdfunc.find_lr_state(s).hypergrad
 
         exact, greedy = vmap(exact_and_greedy)(batch_params, batch_states)
@@ -562,11 +578,7 @@ def hd_loss_of_beta(rule: Any, loss: Callable, params: PyTree, state: Any, steps
                     ) -> Callable[[torch.Tensor], torch.Tensor]:
     """f(θ_K) after K steps of the HD rule itself, as a function of β (set at the first step)."""
     def run(beta: torch.Tensor) -> torch.Tensor:
-        p, s = params, hdfunc.freeze_hypergrad_lr(state, beta)
-        for _ in range(steps):
-            updates, s = rule.update(grad(loss)(p), s, p)
-            p = hdfunc.apply_updates(p, updates)
-        return loss(p)
+        return loss(roll(rule, loss, params, hdfunc.freeze_hypergrad_lr(state, beta), steps)[0])
     return run
 
 
@@ -581,11 +593,8 @@ def hd_loss_of_initial_lr(rule: Any, loss: Callable, params: PyTree, steps: int
         changes = {"lr": rates}
         if "applied_lr" in node._fields:
             changes["applied_lr"] = rates
-        p, s = params, replace_node(state0, **changes)
-        for _ in range(steps):
-            updates, s = rule.update(grad(loss)(p), s, p)
-            p = hdfunc.apply_updates(p, updates)
-        return loss(p)
+        return loss(roll(rule, loss, params, hdfunc.replace_lr_state(state0, **changes),
+                         steps)[0])
     return run
 
 
@@ -646,8 +655,7 @@ def check_hyper_analytic(case: Case, t: int) -> list[Outcome]:
     rule, loss = case.rule, case.objective
 
     def F(beta: torch.Tensor) -> torch.Tensor:
-        updates, _ = rule.update(g, hdfunc.freeze_hypergrad_lr(state, beta), params)
-        return loss(hdfunc.apply_updates(params, updates))
+        return loss(step_with(rule, g, hdfunc.freeze_hypergrad_lr(state, beta), params)[0])
 
     beta = hdfunc.find_lr_state(case.hist[t - 1][1]).hypergrad_lr
     where = f"seed {case.seed}, t={t}"
@@ -694,15 +702,8 @@ def check_torch_optim(spec: RuleSpec, problem: Problem, steps: int) -> list[Outc
     """The base rule takes the steps of the matching ``torch.optim`` optimizer."""
     calibration = calibrate(spec, problem)
     ours = run_trajectory(spec.base(calibration.lr), problem.loss, problem.params, steps)
-    leaves, tree_spec = tree_flatten(problem.params)
-    tensors = [x.detach().clone().requires_grad_(True) for x in leaves]
-    optimizer = spec.torch_optimizer(tensors, calibration.lr)
-    theirs = [(problem.params, None)]
-    for _ in range(steps):
-        optimizer.zero_grad()
-        problem.loss(tree_unflatten(tensors, tree_spec)).backward()
-        optimizer.step()
-        theirs.append((tree_unflatten([x.detach().clone() for x in tensors], tree_spec), None))
+    theirs, optimizer = optimizer_trajectory(
+        problem, lambda tensors: spec.torch_optimizer(tensors, calibration.lr), steps)
     abs_err, scale = _trajectory_error(ours, theirs)
     name = type(optimizer).__name__
     return [judged(TORCH_OPTIM, name, spec.name.split("[")[0].replace("_hd", ""), problem.name,
@@ -714,23 +715,10 @@ def check_vmap(spec: RuleSpec, problem: Problem, steps: int, seeds: int = 3) -> 
     """One vmapped run over seeds (perturbed starting points) and a grid of (α_0, β) stacked
     from states of differently built rules equals a loop over the same seeds and rules
     (:func:`grid_factors`)."""
-    calibration = calibrate(spec, problem)
-    rules = [spec.make(calibration.lr * c, calibration.hypergrad_lr * c, calibration)
-             for c in grid_factors(seeds)]
+    _, rules = grid_rules(spec, problem, seeds)
     starts = [perturbed_params(problem, 0.1, seed) for seed in range(seeds)]
     looped = [run_trajectory(r, problem.loss, p, steps)[-1] for r, p in zip(rules, starts)]
-
-    rule = rules[0]
-
-    def step(params: PyTree, state: Any) -> tuple[PyTree, Any]:
-        updates, state = rule.update(grad(problem.loss)(params), state, params)
-        return hdfunc.apply_updates(params, updates), state
-
-    params = tree_map(lambda *xs: torch.stack(xs), *starts)
-    state = tree_map(lambda *xs: torch.stack(xs), *[r.init(p) for r, p in zip(rules, starts)])
-    batched_step = vmap(step)
-    for _ in range(steps):
-        params, state = batched_step(params, state)
+    params, state = batched_trajectory(rules, problem.loss, starts, steps)[-1]
     abs_err = scale = 0.0
     for i, (p_loop, s_loop) in enumerate(looped):
         p_i = tree_map(lambda x: x[i], params)

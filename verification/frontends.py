@@ -8,7 +8,6 @@ from typing import Any, Callable
 import torch
 
 import hdfunc
-from hdfunc.tree import tree_flatten, tree_unflatten
 
 from verification import checks as C
 from verification.catalog import builtin_spec, calibrate
@@ -32,19 +31,15 @@ def check_front_end(cls: Any, rule_name: str, problem: Any, steps: int) -> list:
     calibration = calibrate(spec, problem)
     lr, beta = calibration.lr, calibration.hypergrad_lr
     ours = C.run_trajectory(hdfunc.RULES[rule_name](lr, beta), problem.loss, problem.params, steps)
-    leaves, tree_spec = tree_flatten(problem.params)
-    tensors = [x.detach().clone().requires_grad_(True) for x in leaves]
-    optimizer = cls(tensors, lr=lr, hypergrad_lr=beta)
-    theirs = [(problem.params, None)]
     hypergrads = []  # the optimizer's h_t, where it exposes its HD state (param_groups' hd_state)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        problem.loss(tree_unflatten(tensors, tree_spec)).backward()
-        optimizer.step()
-        theirs.append((tree_unflatten([x.detach().clone() for x in tensors], tree_spec), None))
+
+    def record(optimizer: Any) -> None:
         hd = optimizer.param_groups[0].get("hd_state")
         if isinstance(hd, dict) and isinstance(hd.get("hypergrad"), torch.Tensor):
             hypergrads.append(hd["hypergrad"].detach().clone())
+
+    theirs, _ = C.optimizer_trajectory(
+        problem, lambda tensors: cls(tensors, lr=lr, hypergrad_lr=beta), steps, record)
     name = getattr(cls, "__name__", "optimizer")
     dtype = C.dtype_name(problem.dtype)
     tol = C.tolerance(problem.dtype, "front_end")

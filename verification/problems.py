@@ -12,7 +12,7 @@ exposes its Hessian ``A`` for closed-form checks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -29,7 +29,7 @@ class Problem:
 
     ``smoothness`` estimates L (the largest Hessian eigenvalue at the start), so ``0.5 / L`` is
     a safe gradient-descent step there. ``hessian`` is the constant Hessian of a quadratic
-    (over the flattened params, in ``tree_flatten`` order) and ``minimizer_grad`` its linear
+    (over the flattened params, in ``tree_flatten`` order) and ``linear_term`` its linear
     term: loss(θ) = ½ θᵀAθ - bᵀθ.
     """
 
@@ -41,32 +41,15 @@ class Problem:
     hessian: Optional[torch.Tensor] = None
     linear_term: Optional[torch.Tensor] = None
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:
         return tree_flatten(self.params)[0][0].dtype
 
-    @property
-    def size(self) -> int:
-        return sum(p.numel() for p in tree_flatten(self.params)[0])
-
-    def gradient(self, params: PyTree) -> PyTree:
-        return grad(self.loss)(params)
-
 
 def flatten_params(params: PyTree) -> torch.Tensor:
     """All leaves of ``params`` concatenated into one vector (``tree_flatten`` order)."""
     return torch.cat([p.reshape(-1) for p in tree_flatten(params)[0]])
-
-
-def unflatten_like(vector: torch.Tensor, like: PyTree) -> PyTree:
-    leaves, spec = tree_flatten(like)
-    out, start = [], 0
-    for leaf in leaves:
-        out.append(vector[start:start + leaf.numel()].reshape(leaf.shape))
-        start += leaf.numel()
-    return tree_unflatten(out, spec)
 
 
 def estimate_smoothness(loss: Callable[[PyTree], torch.Tensor], params: PyTree,

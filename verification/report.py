@@ -7,7 +7,7 @@ import math
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 PASS, FAIL, ERROR = "PASS", "FAIL", "ERROR"
 
@@ -292,14 +292,5 @@ def environment() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__}
 
 
-def merge(reports: Iterable[Report]) -> Report:
-    out = Report()
-    for r in reports:
-        out.outcomes += r.outcomes
-        out.findings += r.findings
-        out.interrupted |= r.interrupted
-    return out
-
-
 __all__ = ["Outcome", "Finding", "Report", "judged", "errored", "PASS", "FAIL", "ERROR",
-           "environment", "merge"]
+           "environment"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
