@@ -44,21 +44,18 @@ def run_distributed(config: StudyConfig, out_dir: str | Path, *, resume: bool = 
     """Run this process's shard of ``config`` and, on rank 0, merge all shards into ``out_dir``.
     Initialises the default process group from the torchrun environment if needed (gloo on CPU,
     nccl on CUDA). Returns the merged :class:`StudyResults` on rank 0, ``None`` elsewhere."""
-    from hdfunc.studies.engine import run_study
+    from hdfunc.studies.engine import resolve_device, run_study
     from hdfunc.studies.results import merge_studies
 
-    from hdfunc.studies.engine import resolve_device
-
+    resolved = resolve_device(config.device)
     created = False
     if not dist.is_initialized():
-        device_type = resolve_device(config.device).type
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", timeout=timeout)
         created = True
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        device = str(resolve_device(config.device))
-        if torch.device(device).type == "cuda" and torch.device(device).index is None:
+        device = str(resolved)
+        if resolved.type == "cuda" and resolved.index is None:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank % max(1, torch.cuda.device_count())))}"
         shard = dataclasses.replace(config, seeds=shard_seeds(config.seed_list, rank, world),
                                     device=device)

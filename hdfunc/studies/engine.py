@@ -13,7 +13,6 @@ advances every run. Runs of one optimizer are split into chunks that fit the dev
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 import hdfunc
 from hdfunc.studies.config import OptimizerSpec, RunKey, StudyConfig
 from hdfunc.studies.problems import Problem, make_problem
-from hdfunc.tree import tree_leaves, tree_map
+from hdfunc.tree import tree_leaves, tree_stack
 
 DATA_ORDER_STREAM = 1  # the seed sequence entropy tag of the minibatch order
 
@@ -76,17 +75,17 @@ def make_rule(spec: OptimizerSpec, lr0: float, beta: float, config: StudyConfig)
         raise TypeError(f"optimizer {spec.label!r}: {error}") from error
 
 
-def stack_trees(trees: list) -> Any:
-    """Stack pytrees of tensors leaf-wise along a new leading (run) dimension."""
-    return tree_map(lambda *leaves: torch.stack(leaves), *trees)
+def template_rule(spec: OptimizerSpec, config: StudyConfig) -> hdfunc.Rule:
+    """A rule of ``spec`` built with placeholder α_0 and β: its update function and state layout
+    serve every run of ``spec``, whose own α_0 and β live in its state (the core reads them
+    from there)."""
+    return make_rule(spec, 1e-3, 1e-3 if spec.is_hd else 0.0, config)
 
 
 def applied_rate(state: Any) -> torch.Tensor:
     """The learning rate the last step applied (γ_t; α_t unless transitioning), as one number:
     per-tensor / per-element rates are averaged over all their entries."""
-    node = hdfunc.find_lr_state(state)
-    rate = node.applied_lr if isinstance(node, hdfunc.HDState) else node.lr
-    leaves = tree_leaves(rate)
+    leaves = tree_leaves(hdfunc.get_applied_lr(state))
     if len(leaves) == 1 and leaves[0].dim() == 0:
         return leaves[0]
     return torch.cat([leaf.reshape(-1) for leaf in leaves]).mean()
@@ -195,7 +194,7 @@ class BatchedTrainer:
         self.targets = (targets.to(self.dtype) if targets.is_floating_point() else targets).to(self.device)
         self.template = problem.template()
         self.num_steps = config.num_steps(problem.num_examples)
-        self.rule = make_rule(spec, float(config.lr0[0]), 1e-3 if spec.is_hd else 0.0, config)
+        self.rule = template_rule(spec, config)
         self._step = self._make_step()
 
     # ------------------------------------------------------------------ the batched functions
@@ -225,7 +224,7 @@ class BatchedTrainer:
         params = {k: v.detach().to(self.device, self.dtype) for k, v in stacked.items()}
         states = [make_rule(self.spec, key.lr0, key.beta, self.config).init(
                   {k: v[i] for k, v in params.items()}) for i, key in enumerate(keys)]
-        return params, stack_trees(states)
+        return params, tree_stack(states)
 
     def full_loss(self, params: dict, max_elements: int = 1 << 25) -> torch.Tensor:
         """Mean loss over the whole training set of each run (shape (S,)), in data batches."""
@@ -327,8 +326,8 @@ def choose_chunk_size(config: StudyConfig, problem: Problem, device: torch.devic
     if config.chunk_size is not None:
         return config.chunk_size
     element = torch.tensor([], dtype=getattr(torch, config.dtype)).element_size()
-    largest = max(bytes_per_run(problem, make_rule(spec, 1e-3, 1e-3 if spec.is_hd else 0.0, config),
-                                config.batch_size, element) for spec in config.optimizer_specs)
+    largest = max(bytes_per_run(problem, template_rule(spec, config), config.batch_size, element)
+                  for spec in config.optimizer_specs)
     runs_per_optimizer = len(config.lr0) * len(config.seed_list) * max(
         len(config.betas_for(s)) for s in config.optimizer_specs)
     return max(1, min(runs_per_optimizer, available_memory(device) // largest))

@@ -27,12 +27,13 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, Iterable, Iterator, TextIO
 
 import numpy as np
 
 import hdfunc
 from hdfunc.studies.config import RunKey, StudyConfig
+from hdfunc.studies.stats import finite_or_none
 
 CSV_COLUMNS = ["optimizer", "lr0", "beta", "seed", "step", "loss", "lr"]
 FORMAT_VERSION = 1
@@ -62,11 +63,6 @@ class RunSummary:
         return math.inf if self.final_loss is None or self.diverged else self.final_loss
 
 
-def _finite_or_none(x: float) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
 def summarize(result: Any) -> list[RunSummary]:
     """One :class:`RunSummary` per run of a :class:`~hdfunc.studies.engine.ChunkResult`."""
     out = []
@@ -75,8 +71,8 @@ def summarize(result: Any) -> list[RunSummary]:
         bad = np.flatnonzero(~np.isfinite(losses))
         final = float(result.final_loss[i])
         diverged = bool(bad.size) or not math.isfinite(final)
-        out.append(RunSummary(key.optimizer, key.lr0, key.beta, key.seed, _finite_or_none(final),
-                              _finite_or_none(losses[-1]), _finite_or_none(result.rates[i, -1]),
+        out.append(RunSummary(key.optimizer, key.lr0, key.beta, key.seed, finite_or_none(final),
+                              finite_or_none(losses[-1]), finite_or_none(result.rates[i, -1]),
                               diverged, int(bad[0]) + 1 if bad.size else None))
     return out
 
@@ -181,12 +177,7 @@ class MemoryCollector:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, allow_nan=False))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -196,6 +187,15 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def new_summary(config: StudyConfig, problem: str, num_steps: int, chunk_size: int | None,
+                csv_bytes: int, runs: list[RunSummary]) -> dict:
+    """The contents of a study's ``summary.json`` before its statistics are computed."""
+    return {"format": FORMAT_VERSION, "hdfunc_version": hdfunc.__version__,
+            "config": config.to_dict(), "problem": problem, "num_steps": num_steps,
+            "chunk_size": chunk_size, "complete": False, "completed_chunks": [],
+            "csv_bytes": csv_bytes, "runs": [asdict(r) for r in runs], "statistics": None}
 
 
 class StudyWriter:
@@ -223,10 +223,9 @@ class StudyWriter:
             summary = json.loads(self.summary_path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read {self.summary_path}: {error}") from error
-        stored = StudyConfig.from_dict(summary["config"])
-        if stored.identity() != self.config.identity():
-            differences = {k: (v, self.config.identity()[k]) for k, v in stored.identity().items()
-                           if self.config.identity()[k] != v}
+        stored, given = StudyConfig.from_dict(summary["config"]).identity(), self.config.identity()
+        if stored != given:
+            differences = {k: (v, given[k]) for k, v in stored.items() if given[k] != v}
             raise ValueError(f"cannot resume {self.out}: it holds a different study "
                              f"(setting: (stored, given)) {differences}")
         return summary
@@ -236,13 +235,8 @@ class StudyWriter:
             self.out.mkdir(parents=True, exist_ok=True)
             header = ",".join(CSV_COLUMNS) + "\n"
             write_text_atomic(self.csv_path, header)
-            self.summary = {
-                "format": FORMAT_VERSION, "hdfunc_version": hdfunc.__version__,
-                "config": self.config.to_dict(), "problem": self.problem,
-                "num_steps": self.num_steps, "chunk_size": chunk_size, "complete": False,
-                "completed_chunks": [], "csv_bytes": len(header.encode()), "runs": [],
-                "statistics": None,
-            }
+            self.summary = new_summary(self.config, self.problem, self.num_steps, chunk_size,
+                                       len(header.encode()), [])
             write_json_atomic(self.summary_path, self.summary)
         else:  # cut off rows of a chunk that did not finish
             with open(self.csv_path, "r+b") as f:
@@ -288,13 +282,22 @@ def finalize(out_dir: str | Path, *, plots: bool = True) -> StudyResults:
     return results
 
 
-def read_rows(csv_path: Path) -> Iterable[list[str]]:
+def csv_rows(lines: Iterable[str], source: Path) -> Iterator[list[str]]:
+    """The data rows of study CSV text (``source`` names it in errors)."""
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    if header != CSV_COLUMNS:
+        raise ValueError(f"{source} is not a study CSV (header {header})")
+    yield from reader
+
+
+def read_rows(csv_path: Path) -> Iterator[list[str]]:
     with open(csv_path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header != CSV_COLUMNS:
-            raise ValueError(f"{csv_path} is not a study CSV (header {header})")
-        yield from reader
+        yield from csv_rows(f, csv_path)
+
+
+def row_key(row: list[str]) -> RunKey:
+    return RunKey(row[0], float(row[1]), float(row[2]), int(row[3]))
 
 
 def load_results(out_dir: str | Path) -> StudyResults:
@@ -310,12 +313,8 @@ def load_results(out_dir: str | Path) -> StudyResults:
     columns: dict[RunKey, list] = {}
     with open(out / "steps.csv", "rb") as f:  # only the recorded bytes count
         text = f.read(summary["csv_bytes"]).decode()
-    reader = csv.reader(io.StringIO(text))
-    if next(reader, None) != CSV_COLUMNS:
-        raise ValueError(f"{out / 'steps.csv'} is not a study CSV")
-    for row in reader:
-        key = RunKey(row[0], float(row[1]), float(row[2]), int(row[3]))
-        columns.setdefault(key, []).append((int(row[4]), float(row[5]), float(row[6])))
+    for row in csv_rows(io.StringIO(text), out / "steps.csv"):
+        columns.setdefault(row_key(row), []).append((int(row[4]), float(row[5]), float(row[6])))
     curves, steps = {}, np.zeros(0, dtype=np.int64)
     for key, rows in columns.items():
         if key in done:
@@ -339,8 +338,7 @@ def merge_studies(out_dir: str | Path, parts: list[str | Path], config: StudyCon
         runs += [RunSummary(**r) for r in summary["runs"]]
         problem, num_steps = summary["problem"], summary["num_steps"]
         for row in read_rows(Path(part) / "steps.csv"):
-            key = RunKey(row[0], float(row[1]), float(row[2]), int(row[3]))
-            lines.setdefault(key, []).append(row)
+            lines.setdefault(row_key(row), []).append(row)
     runs = _sort_runs(config, runs)
     missing = set(config.runs()) - {r.key for r in runs}
     if missing:
@@ -352,10 +350,7 @@ def merge_studies(out_dir: str | Path, parts: list[str | Path], config: StudyCon
         writer.writerows(lines.get(r.key, []))
     text = buffer.getvalue()
     write_text_atomic(out / "steps.csv", text)
-    write_json_atomic(out / "summary.json", {
-        "format": FORMAT_VERSION, "hdfunc_version": hdfunc.__version__,
-        "config": config.to_dict(), "problem": problem, "num_steps": num_steps,
-        "chunk_size": None, "complete": False, "completed_chunks": [],
-        "csv_bytes": len(text.encode()), "runs": [asdict(r) for r in runs], "statistics": None,
-        "merged_from": [str(p) for p in parts]})
+    summary = new_summary(config, problem, num_steps, None, len(text.encode()), runs)
+    summary["merged_from"] = [str(p) for p in parts]
+    write_json_atomic(out / "summary.json", summary)
     return finalize(out, plots=plots)

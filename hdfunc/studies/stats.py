@@ -21,8 +21,10 @@ BOOTSTRAP_RESAMPLES = 2000
 _BIG = 1e100  # stands for +inf inside the bootstrap (its sums and squares stay finite)
 
 
-def _none_if_nonfinite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
+def finite_or_none(x: float) -> float | None:
+    """``x`` as a float, or None if it is not finite (JSON has no nan or inf)."""
+    x = float(x)
+    return x if math.isfinite(x) else None
 
 
 def median_ci(values: np.ndarray, confidence: float = CONFIDENCE, seed: int = 0) -> tuple:
@@ -53,8 +55,8 @@ def final_loss_table(results: Any) -> list[dict]:
         median, low, high = median_ci(finals)
         rows.append({"optimizer": optimizer, "lr0": lr0, "beta": beta, "n": len(runs),
                      "diverged": sum(r.diverged for r in runs),
-                     "median": _none_if_nonfinite(median), "ci_low": _none_if_nonfinite(low),
-                     "ci_high": _none_if_nonfinite(high),
+                     "median": finite_or_none(median), "ci_low": finite_or_none(low),
+                     "ci_high": finite_or_none(high),
                      "ci_high_inf": math.isinf(high)})
     return rows
 
@@ -98,7 +100,7 @@ def paired_test(hd: str, base: str, lr0: float, beta: float, hd_losses: np.ndarr
         wilcoxon_p = float(sps.wilcoxon(diff, alternative="less").pvalue)
     return {"hd": hd, "base": base, "lr0": lr0, "beta": beta, "n": n, "hd_better": hd_better,
             "base_better": base_better,
-            "median_difference": _none_if_nonfinite(float(np.median(diff))) if diff.size else None,
+            "median_difference": finite_or_none(float(np.median(diff))) if diff.size else None,
             "wilcoxon_p": wilcoxon_p, "sign_test_p": sign_p}
 
 
