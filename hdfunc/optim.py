@@ -34,6 +34,7 @@ from torch.optim.sgd import sgd as torch_sgd
 
 from hdfunc.directions import identity, nesterov as nesterov_direction, scale_by_adam
 from hdfunc.hypergradient import HDConfig, HDState, adapt_rates, hypergradient, inverse_square
+from hdfunc.tree import leaf_vdot
 
 __all__ = ["AdamHD", "AdamWHD", "HDOptimizer", "SGDHD", "SGDNHD"]
 
@@ -42,8 +43,6 @@ SchedulerComposition = Literal["scale", "reset"]
 SCOPES = ("global", "group")
 SCRATCH_BYTES = 1024 * 1024  # the CPU hypergradient pass streams through buffers of this size
 SCHEDULER_COMPOSITIONS = ("scale", "reset")
-HD_GROUP_KEYS = ("hypergrad_lr", "mode", "final_lr", "transition", "hyper_hypergrad_lr",
-                 "lr_bounds", "skip_nonfinite")
 
 try:  # the dtype torch.optim uses for state["step"]
     from torch.optim.optimizer import _get_scalar_dtype
@@ -55,11 +54,12 @@ except ImportError:  # pragma: no cover - older/newer torch
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Σ x⊙y, accumulated in the tensors' precision (at least float32, as the functional core)."""
+    """Σ x⊙y, accumulated in the tensors' precision (at least float32, as the functional core;
+    one BLAS dot product where the dtypes allow it)."""
     if x.dtype == y.dtype and x.dtype in (torch.float32, torch.float64):
         return torch.dot(x.reshape(-1), y.reshape(-1))
-    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
-    return (x.to(dtype) * y.to(dtype)).sum()
+    return leaf_vdot(x, y, torch.promote_types(torch.promote_types(x.dtype, y.dtype),
+                                               torch.float32))
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
