@@ -15,7 +15,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import hdfunc
 from hdfunc.tree import tree_map
 from hypothesis_profiles import PROFILE
 from verification import checks as C

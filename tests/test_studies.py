@@ -15,7 +15,7 @@ import torch
 from torch.func import functional_call
 
 import hdfunc
-from hdfunc.studies import (StudyConfig, load_results, make_problem, minibatch_indices,
+from hdfunc.studies import (StudyConfig, make_problem, minibatch_indices,
                             parse_optimizer, run_study)
 from hdfunc.studies import cli, data, stats
 from hdfunc.studies.engine import BatchedTrainer

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from hdfunc.studies import StudyConfig, run_study
 from hdfunc.studies.data import default_mnist_dir, mnist_available
