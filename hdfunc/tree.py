@@ -56,12 +56,3 @@ def tree_sq_norm(a: PyTree, dtype: torch.dtype) -> torch.Tensor:
 
 def tree_zeros_like(tree: PyTree) -> PyTree:
     return tree_map(torch.zeros_like, tree)
-
-
-def tree_add(a: PyTree, b: PyTree) -> PyTree:
-    return tree_map(torch.add, a, b)
-
-
-def tree_scale(tree: PyTree, scale: torch.Tensor | float) -> PyTree:
-    return tree_map(lambda x: x * scale, tree)
-
