@@ -30,12 +30,17 @@ class Transform:
     ``previous_output``, when given, recomputes from the state alone the output that the last
     ``update`` returned (Adam's direction m̂/(√v̂+ε) is such a function of m and v), so that
     hypergradient descent needs no stored copy of it.
+
+    ``rate_law``, on a transform that adapts a learning rate, declares how it does so (an
+    :class:`hdfunc.HDConfig`: granularity, additive or multiplicative rule, bounds, transition,
+    higher order); the verification suite's oracle replays exactly that law.
     """
 
     init: InitFn
     update: UpdateFn
     name: str = "transform"
     previous_output: Optional[Callable[[PyTree], PyTree]] = None
+    rate_law: Optional[Any] = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,7 +80,11 @@ def chain(*transforms: Transform, name: str = "chain") -> Transform:
     if len(transforms) == 1 and transforms[0].previous_output is not None:
         only = transforms[0].previous_output
         previous_output = lambda state: only(state[0])  # noqa: E731
-    return Transform(init, update, name, previous_output)
+    laws = [t.rate_law for t in transforms if t.rate_law is not None]
+    if len(laws) > 1:
+        raise ValueError("a chain may adapt at most one learning rate (two transforms declare a "
+                         "rate_law)")
+    return Transform(init, update, name, previous_output, laws[0] if laws else None)
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
@@ -161,4 +170,5 @@ def validated(transform: Transform, *, name: str, hyperparams: dict) -> Rule:
                                 f"{getattr(p, 'dtype', type(p).__name__)}")
         return transform.init(params)
 
-    return Rule(init, update, name, transform.previous_output, dict(hyperparams))
+    return Rule(init, update, name, transform.previous_output, rate_law=transform.rate_law,
+                hyperparams=dict(hyperparams))

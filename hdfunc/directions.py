@@ -7,12 +7,37 @@ adapted learning rate. Each is pure and reads its hyperparameters from its closu
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from hdfunc.base import EmptyState, Transform, check_hyperparameter
 from hdfunc.tree import PyTree, first_leaf, tree_map, tree_zeros_like
+
+DIFFERENTIABLE_EPS_ROOT = 1e-16
+"""The ``eps_root`` to pass to ``adam``/``adam_hd``/``adamw``/``adamw_hd``/``scale_by_adam``/
+``scale_by_rms``/``scale_by_adagrad`` when differentiating *through* training (e.g. the loss after
+K steps with respect to α_0 or β by ``torch.func.grad``/``jvp``).
+
+With ``eps_root = 0`` (the default: the paper's and torch.optim's formula, Algorithm 3 of Baydin
+et al.; ALGORITHMS.md, "Adam and Adam-HD") an entry whose gradient has been exactly 0 so far (a
+dead ReLU unit) has v = 0, the derivative of √v at 0 is infinite and 0·∞ makes the derivative NaN.
+√(v̂ + eps_root) is differentiable at v̂ = 0. It changes a step by a relative ≈ eps_root / (2 v̂):
+negligible unless gradients are ~1e-8 or smaller (and in float32 1e-16 is below the rounding of
+any v̂ larger than ~1e-9)."""
+
+
+def check_eps_root(eps_root: float | torch.Tensor) -> None:
+    """``eps_root`` must be a finite real number >= 0 (or a 0-d float tensor, not inspected)."""
+    check_hyperparameter("eps_root", eps_root)
+    if not isinstance(eps_root, torch.Tensor) and math.isinf(float(eps_root)):
+        raise ValueError(f"eps_root must be finite, got {eps_root}")
+
+
+def _shifts(eps_root: float | torch.Tensor) -> bool:
+    """Whether ε_root enters the formula: a Python 0 keeps today's arithmetic (√v) bit for bit."""
+    return isinstance(eps_root, torch.Tensor) or float(eps_root) != 0.0
 
 
 def identity() -> Transform:
@@ -75,17 +100,28 @@ class AdamState(NamedTuple):
     nu: PyTree  # v_{t-1}
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
-    """Adam's direction d_t = m̂_t / (√v̂_t + ε), with
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
+                  eps_root: float = 0.0) -> Transform:
+    """Adam's direction (Algorithm 3 of Baydin et al.; ALGORITHMS.md, "Adam and Adam-HD")
+    d_t = m̂_t / (√(v̂_t + ε_root) + ε), with
     m_t = β1 m_{t-1} + (1-β1) g_t,  v_t = β2 v_{t-1} + (1-β2) g_t²,
     m̂_t = m_t / (1-β1^t),  v̂_t = v_t / (1-β2^t).
 
+    ``eps_root`` (ε_root, as optax's ``scale_by_adam(eps_root=...)``) is 0 in the paper and in
+    torch.optim.Adam; with 0 (a Python number) the arithmetic is unchanged bit for bit (torch's
+    order: √v / √(1-β2^t) + ε). Set it (to :data:`DIFFERENTIABLE_EPS_ROOT`) to differentiate
+    through training: √v̂ has an infinite derivative at v̂ = 0, which any entry with an
+    exactly-zero gradient history has, and the derivative of the loss after K steps with respect
+    to α_0 or β is then NaN.
+
     ``previous_output`` recomputes d_{t-1} from (t-1, m_{t-1}, v_{t-1}) with the bias corrections
-    of step t-1, so Adam-HD stores no extra buffer (d_0 = 0).
+    of step t-1 and the same formula, so Adam-HD stores no extra buffer (d_0 = 0).
     """
     check_hyperparameter("betas[0]", b1, high=1.0, high_inclusive=False)
     check_hyperparameter("betas[1]", b2, high=1.0, high_inclusive=False)
     check_hyperparameter("eps", eps)
+    check_eps_root(eps_root)
+    shift = _shifts(eps_root)
 
     def init(params: PyTree) -> AdamState:
         count = params_count(params)
@@ -95,12 +131,17 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tran
         # count == 0 only before the first step, where m = v = 0 and the direction is 0.
         t = count.to(torch.float64)
         correction1 = torch.where(count > 0, 1 - b1 ** t, torch.ones_like(t))
-        correction2_sqrt = torch.where(count > 0, (1 - b2 ** t).sqrt(), torch.ones_like(t))
+        if shift:
+            correction2 = torch.where(count > 0, 1 - b2 ** t, torch.ones_like(t))
+        else:
+            correction2_sqrt = torch.where(count > 0, (1 - b2 ** t).sqrt(), torch.ones_like(t))
 
         def leaf(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             c1 = correction1.to(m.dtype)
+            if shift:  # √(v̂ + ε_root), as written
+                return (m / c1) / ((v / correction2.to(m.dtype) + eps_root).sqrt() + eps)
             c2 = correction2_sqrt.to(m.dtype)
-            return (m / c1) / (v.sqrt() / c2 + eps)
+            return (m / c1) / (v.sqrt() / c2 + eps)  # √v / √(1-β2^t): torch.optim.Adam's order
 
         return tree_map(leaf, mu, nu)
 
@@ -116,29 +157,50 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Tran
     return Transform(init, update, "scale_by_adam", previous_output)
 
 
+def _root(eps_root: float | torch.Tensor):
+    """x ↦ √(x + ε_root); exactly x.sqrt() for a Python ε_root = 0."""
+    if _shifts(eps_root):
+        return lambda x: (x + eps_root).sqrt()
+    return torch.sqrt
+
+
 class RMSState(NamedTuple):
     nu: PyTree  # running mean of g²
 
 
-def scale_by_rms(decay: float = 0.99, eps: float = 1e-8) -> Transform:
-    """RMSprop's direction (as torch.optim.RMSprop): v_t = ρ v_{t-1} + (1-ρ) g_t²; d_t = g_t / (√v_t + ε)."""
+def scale_by_rms(decay: float = 0.99, eps: float = 1e-8, *, eps_root: float = 0.0) -> Transform:
+    """RMSprop's direction (as torch.optim.RMSprop): v_t = ρ v_{t-1} + (1-ρ) g_t²;
+    d_t = g_t / (√(v_t + ε_root) + ε).
+
+    ``eps_root`` = 0 (default) keeps the arithmetic above bit for bit; pass
+    :data:`DIFFERENTIABLE_EPS_ROOT` to differentiate through training (√v at v = 0 has an infinite
+    derivative, see :func:`scale_by_adam`)."""
     check_hyperparameter("decay", decay, high=1.0, high_inclusive=False)
     check_hyperparameter("eps", eps)
+    check_eps_root(eps_root)
+    root = _root(eps_root)
 
     def update(g: PyTree, state: RMSState, params: PyTree) -> tuple[PyTree, RMSState]:
         nu = tree_map(lambda v, gi: decay * v + (1 - decay) * gi * gi, state.nu, g)
-        return tree_map(lambda gi, v: gi / (v.sqrt() + eps), g, nu), RMSState(nu)
+        return tree_map(lambda gi, v: gi / (root(v) + eps), g, nu), RMSState(nu)
 
     return Transform(lambda params: RMSState(tree_zeros_like(params)), update, "scale_by_rms")
 
 
-def scale_by_adagrad(eps: float = 1e-10) -> Transform:
-    """Adagrad's direction (as torch.optim.Adagrad): s_t = s_{t-1} + g_t²; d_t = g_t / (√s_t + ε)."""
+def scale_by_adagrad(eps: float = 1e-10, *, eps_root: float = 0.0) -> Transform:
+    """Adagrad's direction (as torch.optim.Adagrad): s_t = s_{t-1} + g_t²;
+    d_t = g_t / (√(s_t + ε_root) + ε).
+
+    ``eps_root`` = 0 (default) keeps the arithmetic above bit for bit; pass
+    :data:`DIFFERENTIABLE_EPS_ROOT` to differentiate through training (see
+    :func:`scale_by_adam`)."""
     check_hyperparameter("eps", eps)
+    check_eps_root(eps_root)
+    root = _root(eps_root)
 
     def update(g: PyTree, state: RMSState, params: PyTree) -> tuple[PyTree, RMSState]:
         total = tree_map(lambda s, gi: s + gi * gi, state.nu, g)
-        return tree_map(lambda gi, s: gi / (s.sqrt() + eps), g, total), RMSState(total)
+        return tree_map(lambda gi, s: gi / (root(s) + eps), g, total), RMSState(total)
 
     return Transform(lambda params: RMSState(tree_zeros_like(params)), update, "scale_by_adagrad")
 

@@ -234,7 +234,7 @@ def hypergradient(
         )
         return tree_unflatten(steps, spec), new_state
 
-    return Transform(init, update, "hypergradient")
+    return Transform(init, update, "hypergradient", rate_law=config)
 
 
 # ----------------------------------------------------------------------------- the rate update

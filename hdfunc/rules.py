@@ -108,44 +108,60 @@ def sgdn_hd(lr: Number, hypergrad_lr: Number, momentum: Number = 0.9,
 
 
 def adam(lr: Number, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-         weight_decay: Number = 0.0, *, decoupled_weight_decay: bool = False) -> Rule:
-    """Adam: u_t = -α m̂_t / (√v̂_t + ε) (Algorithm 3 without HD; torch.optim.Adam, and
-    torch.optim.AdamW with ``decoupled_weight_decay=True``)."""
+         weight_decay: Number = 0.0, *, decoupled_weight_decay: bool = False,
+         eps_root: float = 0.0) -> Rule:
+    """Adam: u_t = -α m̂_t / (√(v̂_t + ε_root) + ε) (Algorithm 3 without HD; torch.optim.Adam, and
+    torch.optim.AdamW with ``decoupled_weight_decay=True``).
+
+    ``eps_root`` = 0 (default) is the paper's Adam, arithmetic unchanged bit for bit; pass
+    ``hdfunc.DIFFERENTIABLE_EPS_ROOT`` to differentiate through training (see
+    :func:`hdfunc.scale_by_adam`)."""
     b1, b2 = _betas(betas)
-    return base_rule(scale_by_adam(b1, b2, eps), lr, weight_decay=weight_decay,
+    return base_rule(scale_by_adam(b1, b2, eps, eps_root=eps_root), lr, weight_decay=weight_decay,
                      decoupled_weight_decay=decoupled_weight_decay,
                      name="adamw" if decoupled_weight_decay else "adam",
                      hyperparams={"lr": lr, "betas": (b1, b2), "eps": eps,
-                                  "weight_decay": weight_decay})
+                                  "weight_decay": weight_decay, "eps_root": eps_root})
 
 
 def adam_hd(lr: Number, hypergrad_lr: Number, betas: tuple[float, float] = (0.9, 0.999),
             eps: float = 1e-8, weight_decay: Number = 0.0, *,
-            decoupled_weight_decay: bool = False, **hd_options: Any) -> Rule:
-    """Adam-HD (Algorithm 3): h_t = g_t·∇_α u_{t-1} with ∇_α u_{t-1} = -m̂_{t-1}/(√v̂_{t-1} + ε)
-    (bias corrections of step t-1, recomputed from m_{t-1}, v_{t-1}: no extra buffer);
-    α_t = α_{t-1} - β h_t; u_t = -α_t m̂_t / (√v̂_t + ε).
+            decoupled_weight_decay: bool = False, eps_root: float = 0.0,
+            **hd_options: Any) -> Rule:
+    """Adam-HD (Algorithm 3): h_t = g_t·∇_α u_{t-1} with
+    ∇_α u_{t-1} = -m̂_{t-1}/(√(v̂_{t-1} + ε_root) + ε) (bias corrections of step t-1, recomputed
+    from m_{t-1}, v_{t-1}: no extra buffer); α_t = α_{t-1} - β h_t;
+    u_t = -α_t m̂_t / (√(v̂_t + ε_root) + ε).
+
+    ``eps_root`` = 0 (default) is the paper's Algorithm 3, arithmetic unchanged bit for bit;
+    pass ``hdfunc.DIFFERENTIABLE_EPS_ROOT`` to differentiate the loss after training with
+    respect to α_0 or β (with 0 that derivative is NaN as soon as some gradient entry has been
+    exactly 0 at every step, e.g. a dead ReLU unit: √v̂ has an infinite derivative at 0).
 
     With ``decoupled_weight_decay`` the decay λθ_{t-1} is part of d_t and is stored."""
     b1, b2 = _betas(betas)
-    return hd_rule(scale_by_adam(b1, b2, eps), lr, hypergrad_lr, weight_decay=weight_decay,
-                   decoupled_weight_decay=decoupled_weight_decay,
+    return hd_rule(scale_by_adam(b1, b2, eps, eps_root=eps_root), lr, hypergrad_lr,
+                   weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
                    name="adamw_hd" if decoupled_weight_decay else "adam_hd",
                    hyperparams={"lr": lr, "hypergrad_lr": hypergrad_lr, "betas": (b1, b2),
-                                "eps": eps, "weight_decay": weight_decay}, **hd_options)
+                                "eps": eps, "weight_decay": weight_decay, "eps_root": eps_root},
+                   **hd_options)
 
 
 def adamw(lr: Number, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-          weight_decay: Number = 1e-2) -> Rule:
-    """AdamW (torch.optim.AdamW): Adam with decoupled weight decay."""
-    return adam(lr, betas, eps, weight_decay, decoupled_weight_decay=True)
+          weight_decay: Number = 1e-2, *, eps_root: float = 0.0) -> Rule:
+    """AdamW (torch.optim.AdamW): Adam with decoupled weight decay (``eps_root`` as in
+    :func:`adam`)."""
+    return adam(lr, betas, eps, weight_decay, decoupled_weight_decay=True, eps_root=eps_root)
 
 
 def adamw_hd(lr: Number, hypergrad_lr: Number, betas: tuple[float, float] = (0.9, 0.999),
-             eps: float = 1e-8, weight_decay: Number = 1e-2, **hd_options: Any) -> Rule:
-    """AdamW-HD: Adam-HD with decoupled weight decay, which is part of ∇_α u_t."""
+             eps: float = 1e-8, weight_decay: Number = 1e-2, *, eps_root: float = 0.0,
+             **hd_options: Any) -> Rule:
+    """AdamW-HD: Adam-HD with decoupled weight decay, which is part of ∇_α u_t (``eps_root`` as
+    in :func:`adam_hd`)."""
     return adam_hd(lr, hypergrad_lr, betas, eps, weight_decay, decoupled_weight_decay=True,
-                   **hd_options)
+                   eps_root=eps_root, **hd_options)
 
 
 RULES = {"sgd": sgd, "sgd_hd": sgd_hd, "sgdn": sgdn, "sgdn_hd": sgdn_hd, "adam": adam,

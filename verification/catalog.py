@@ -28,11 +28,16 @@ from verification.problems import Problem
 @dataclass(frozen=True)
 class Calibration:
     """Per (rule, problem): α_0, β, and ``step_scale`` = ‖g_1‖·‖d_1‖ at the start (the size of
-    the first nonzero hypergradient), from which κ is set for the higher-order variants."""
+    the first nonzero hypergradient), from which κ is set for the higher-order variants.
+    ``eps_root``: what the built-in rules with a square root of a second moment (Adam, AdamW,
+    RMSprop, Adagrad) are built with: 0 (their default, bit for bit torch.optim) but on a
+    problem with exactly-zero gradient entries, where differentiating through training needs
+    ``hdfunc.DIFFERENTIABLE_EPS_ROOT``."""
 
     lr: float
     hypergrad_lr: float
     step_scale: float
+    eps_root: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,7 +45,7 @@ class RuleSpec:
     """A rule to verify. ``make(lr, hypergrad_lr, calibration)`` returns an object with
     ``init``/``update`` whose state holds an HD node (:func:`hdfunc.find_lr_state`).
 
-    ``base`` (fixed-rate twin, for β = 0 equivalence) and ``torch_optimizer`` (for the
+    ``base`` (fixed-rate twin (lr, eps_root), for β = 0 equivalence) and ``torch_optimizer`` (for the
     torch.optim equivalence) are given for the built-in rules only.
     """
 
@@ -51,7 +56,7 @@ class RuleSpec:
     granularity: str = "global"
     higher_order: bool = False
     transition: bool = False
-    base: Optional[Callable[[float], Any]] = None
+    base: Optional[Callable[[float, float], Any]] = None  # (lr, eps_root) -> fixed-rate twin
     torch_optimizer: Optional[Callable[[list, float], torch.optim.Optimizer]] = None
     notes: str = ""
     l2: float = 0.0  # coupled weight decay the rule adds to g: it minimises f + ½λ‖θ‖²
@@ -79,53 +84,58 @@ def calibrate(spec: RuleSpec, problem: Problem, params: Any = None) -> Calibrati
     multiplicative rule's β is dimensionless: 0.05)."""
     params = problem.params if params is None else params
     g = grad(problem.loss)(params)
-    trial = spec.make(1.0, 0.0, Calibration(1.0, 0.0, 1.0))
+    eps_root = hdfunc.DIFFERENTIABLE_EPS_ROOT if problem.exact_zeros else 0.0
+    trial = spec.make(1.0, 0.0, Calibration(1.0, 0.0, 1.0, eps_root))
     updates, _ = trial.update(g, trial.init(params), params)
     direction_norm = _norm(updates)  # ‖d_1‖, since u_1 = -1·d_1
     grad_norm = _norm(g)
     if not (math.isfinite(direction_norm) and direction_norm > 0 and grad_norm > 0):
         raise ValueError(f"rule {spec.name} makes a zero or non-finite first step on {problem.name}")
-    gd_lr = 0.5 / problem.smoothness
+    gd_lr = 0.5 / (problem.smoothness + spec.l2)  # L of the objective, with the rule's L2 term
     lr = gd_lr * grad_norm / direction_norm
     scale = grad_norm * direction_norm
     beta = 0.05 if spec.mode == "multiplicative" else 0.1 * lr / scale
-    return Calibration(lr, beta, scale)
+    return Calibration(lr, beta, scale, eps_root)
 
 
 # ----------------------------------------------------------------------------- built-in rules
 
 COUPLED_L2 = {"sgd_hd+l2": 1e-2}  # bases whose g_t includes an L2 term λθ
 
-# base name -> (HD rule maker (lr, β, **hd_options), fixed-rate twin (lr), torch.optim maker)
-BASES: dict[str, tuple[Callable[..., Any], Callable[[float], Any], Callable[[list, float], Any]]] = {
-    "sgd_hd": (lambda lr, b, **o: hdfunc.sgd_hd(lr, b, **o),
-               lambda lr: hdfunc.sgd(lr),
+# base name -> (HD rule maker (lr, β, eps_root, **hd_options), fixed-rate twin (lr, eps_root),
+# torch.optim maker). eps_root is ignored by the bases without a square root.
+BASES: dict[str, tuple[Callable[..., Any], Callable[[float, float], Any],
+                       Optional[Callable[[list, float], Any]]]] = {
+    "sgd_hd": (lambda lr, b, r, **o: hdfunc.sgd_hd(lr, b, **o),
+               lambda lr, r: hdfunc.sgd(lr),
                lambda ps, lr: torch.optim.SGD(ps, lr=lr)),
-    "sgd_hd+l2": (lambda lr, b, **o: hdfunc.sgd_hd(lr, b, weight_decay=1e-2, **o),
-                  lambda lr: hdfunc.sgd(lr, weight_decay=1e-2),
+    "sgd_hd+l2": (lambda lr, b, r, **o: hdfunc.sgd_hd(lr, b, weight_decay=1e-2, **o),
+                  lambda lr, r: hdfunc.sgd(lr, weight_decay=1e-2),
                   lambda ps, lr: torch.optim.SGD(ps, lr=lr, weight_decay=1e-2)),
-    "sgdn_hd": (lambda lr, b, **o: hdfunc.sgdn_hd(lr, b, momentum=0.9, **o),
-                lambda lr: hdfunc.sgdn(lr, momentum=0.9),
+    "sgdn_hd": (lambda lr, b, r, **o: hdfunc.sgdn_hd(lr, b, momentum=0.9, **o),
+                lambda lr, r: hdfunc.sgdn(lr, momentum=0.9),
                 lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, nesterov=True)),
-    "adam_hd": (lambda lr, b, **o: hdfunc.adam_hd(lr, b, **o),
-                lambda lr: hdfunc.adam(lr),
+    "adam_hd": (lambda lr, b, r, **o: hdfunc.adam_hd(lr, b, eps_root=r, **o),
+                lambda lr, r: hdfunc.adam(lr, eps_root=r),
                 lambda ps, lr: torch.optim.Adam(ps, lr=lr)),
-    "adamw_hd": (lambda lr, b, **o: hdfunc.adamw_hd(lr, b, weight_decay=1e-2, **o),
-                 lambda lr: hdfunc.adamw(lr, weight_decay=1e-2),
+    "adamw_hd": (lambda lr, b, r, **o: hdfunc.adamw_hd(lr, b, weight_decay=1e-2, eps_root=r, **o),
+                 lambda lr, r: hdfunc.adamw(lr, weight_decay=1e-2, eps_root=r),
                  lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=1e-2)),
-    "rmsprop_hd": (lambda lr, b, **o: hdfunc.hd_rule(hdfunc.scale_by_rms(0.99), lr, b,
-                                                     name="rmsprop_hd", **o),
-                   lambda lr: hdfunc.base_rule(hdfunc.scale_by_rms(0.99), lr, name="rmsprop"),
+    "rmsprop_hd": (lambda lr, b, r, **o: hdfunc.hd_rule(hdfunc.scale_by_rms(0.99, eps_root=r), lr,
+                                                        b, name="rmsprop_hd", **o),
+                   lambda lr, r: hdfunc.base_rule(hdfunc.scale_by_rms(0.99, eps_root=r), lr,
+                                                  name="rmsprop"),
                    lambda ps, lr: torch.optim.RMSprop(ps, lr=lr, alpha=0.99, eps=1e-8)),
-    "adagrad_hd": (lambda lr, b, **o: hdfunc.hd_rule(hdfunc.scale_by_adagrad(1e-10), lr, b,
-                                                     name="adagrad_hd", **o),
-                   lambda lr: hdfunc.base_rule(hdfunc.scale_by_adagrad(1e-10), lr, name="adagrad"),
+    "adagrad_hd": (lambda lr, b, r, **o: hdfunc.hd_rule(hdfunc.scale_by_adagrad(1e-10, eps_root=r),
+                                                        lr, b, name="adagrad_hd", **o),
+                   lambda lr, r: hdfunc.base_rule(hdfunc.scale_by_adagrad(1e-10, eps_root=r), lr,
+                                                  name="adagrad"),
                    lambda ps, lr: torch.optim.Adagrad(ps, lr=lr, eps=1e-10)),
     # Lion: torch has no Lion optimizer to compare with (None), and its direction is the sign
     # of a gradient average: piecewise constant, so only the one-step checks apply (NONSMOOTH).
-    "lion_hd": (lambda lr, b, **o: hdfunc.hd_rule(hdfunc.scale_by_lion(), lr, b,
-                                                  name="lion_hd", **o),
-                lambda lr: hdfunc.base_rule(hdfunc.scale_by_lion(), lr, name="lion"),
+    "lion_hd": (lambda lr, b, r, **o: hdfunc.hd_rule(hdfunc.scale_by_lion(), lr, b,
+                                                     name="lion_hd", **o),
+                lambda lr, r: hdfunc.base_rule(hdfunc.scale_by_lion(), lr, name="lion"),
                 None),
 }
 
@@ -160,7 +170,7 @@ def builtin_spec(base: str, *, granularity: str = "global", mode: str = "additiv
             options["final_lr"] = 0.5 * lr
         if higher_order:
             options["hyper_hypergrad_lr"] = _kappa(mode, calibration)
-        return maker(lr, beta, **options)
+        return maker(lr, beta, calibration.eps_root if calibration else 0.0, **options)
 
     tags = [granularity, mode] + (["transition"] if transition else []) + (
         ["higher-order"] if higher_order else [])

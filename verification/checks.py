@@ -27,8 +27,11 @@ from hdfunc.tree import (PyTree, tree_flatten, tree_leaves, tree_map, tree_stack
                          tree_vdot)
 
 from verification.catalog import Calibration, RuleSpec, calibrate
+from verification.conditioning import (CONDITIONING_SAFETY, ILL_CONDITIONED, Noise, perturb,
+                                       rounding_sensitivity)
+from verification.oracle import HINT, ORACLE, TRAJECTORY, WHAT, run_oracle
 from verification.problems import Problem, flatten_params, perturbed_params
-from verification.report import Finding, Outcome, judged
+from verification.report import INCONCLUSIVE, Finding, Outcome, judged
 
 ONE_STEP = "one-step identity"
 SECOND_ORDER = "second order"
@@ -125,14 +128,24 @@ def step_with(rule: Any, grads: PyTree, state: Any, params: PyTree) -> tuple[PyT
 
 
 def roll(rule: Any, loss: Callable, params: PyTree, state: Any, steps: int,
-         rate: PyTree = None) -> tuple[PyTree, Any]:
+         rate: PyTree = None, noise: Optional[Noise] = None) -> tuple[PyTree, Any]:
     """(θ_K, state_K) after ``steps`` steps of ``rule`` on ∇``loss``; with ``rate``, every step
-    applies exactly that rate and does not adapt it (:func:`hdfunc.freeze_lr`)."""
+    applies exactly that rate and does not adapt it (:func:`hdfunc.freeze_lr`); with ``noise``,
+    θ is perturbed after every step."""
+    gen = noise.generator() if noise is not None else None
     for _ in range(steps):
         frozen = state if rate is None else hdfunc.freeze_lr(state, rate)
         params, state = step_with(rule, grad(loss)(params), frozen, params)
+        if noise is not None:
+            params = perturb(params, noise, gen)
     return params, state
 
+
+NOT_DIFFERENTIABLE_AT_ZERO = (
+    "the derivative through training is not finite on a problem with exactly-zero gradient "
+    "entries (dead units): a second moment v = 0 there, and autodiff meets sqrt'(0) = inf; "
+    "build the rule with eps_root > 0 (hdfunc.DIFFERENTIABLE_EPS_ROOT) to differentiate "
+    "through it")
 
 def run_trajectory(rule: Any, loss: Callable, params: PyTree, steps: int,
                    state: Any = None) -> list[tuple[PyTree, Any]]:
@@ -301,13 +314,17 @@ def _outcome(case: Case, check: str, method: str, abs_err: float, scale: float, 
     it no finite difference resolves a derivative) and its error estimate (×10, at most
     ``FD_ALLOWANCE_CAP`` × scale) are forgiven."""
     rule, problem, dtype = case.label()
-    allowance = 0.0
+    allowance, reason = 0.0, ""
     if fd is not None:
         estimate = 10 * fd.error if math.isfinite(fd.error) else 0.0
         allowance = max(min(estimate, FD_ALLOWANCE_CAP * scale), fd.rounding)
         where = where + f", fd uncertainty {fd.uncertainty:.1e}"
+        if not fd.uncertainty <= FD_ALLOWANCE_CAP * scale:
+            reason = (f"the finite difference cannot resolve this derivative: its own "
+                      f"uncertainty is {fd.uncertainty / scale if scale > 0 else math.inf:.2g} "
+                      "relative (the function is rugged at every step size tried)")
     return judged(check, method, rule, problem, dtype, abs_err, scale, tol, where, what,
-                  allowance)
+                  allowance, inconclusive_reason=reason)
 
 
 # ----------------------------------------------------------------------------- 1. one step
@@ -360,7 +377,8 @@ def check_one_step(case: Case, t: int, *, methods: Sequence[str] = (REVERSE, FOR
                                 tolerance(dtype, FORWARD), where, what + " along a tangent"))
     if FINITE in methods and dtype == torch.float64:
         w = directions[0]
-        fd = finite_difference(lambda s: f(tree_axpy(rate, s, w)), device=case.device)
+        fd = finite_difference(lambda s: f(tree_axpy(rate, s, w)), device=case.device,
+                               initial_step=one_step_fd_step(case.problem))
         value = float(tree_dot(analytic, w))
         scale = max(tree_abs_dot(analytic, w), abs(fd.value), case.floor(w))
         out.append(_outcome(case, ONE_STEP, FINITE, abs(value - fd.value), scale,
@@ -499,40 +517,88 @@ def check_second_order(case: Case, t: int) -> list[Outcome]:
 
 
 def unrolled_loss(rule: Any, loss: Callable, params: PyTree, state: Any, steps: int,
-                  objective: Optional[Callable] = None) -> Callable[[PyTree], torch.Tensor]:
+                  objective: Optional[Callable] = None, noise: Optional[Noise] = None
+                  ) -> Callable[[PyTree], torch.Tensor]:
     """L(α) = f(θ_K) after ``steps`` steps that all apply the constant rate α (no adaptation);
     the steps are fed ∇``loss``, f is ``objective`` (default: ``loss``)."""
     objective = objective or loss
 
     def run(rate: PyTree) -> torch.Tensor:
-        return objective(roll(rule, loss, params, state, steps, rate)[0])
+        return objective(roll(rule, loss, params, state, steps, rate, noise)[0])
     return run
+
+
+def _conditioning_note(requested: int, used: int, sensitivity: float) -> str:
+    if used == requested:
+        return f"rounding sensitivity {sensitivity:.1e}"
+    return (f"K={requested} requested, but the unroll is ill-conditioned there (rounding-sized "
+            f"noise moves the derivative by {sensitivity:.1e} relative): checked at the longest "
+            f"well-conditioned K")
 
 
 def check_unrolled(case: Case, steps: int, start: int = 2) -> list[Outcome]:
     """dL/dα for the loss after K steps with a constant α: reverse mode through the whole
-    loop, forward mode (one jvp, memory flat in K) and finite differences agree."""
+    loop, forward mode (one jvp, memory flat in K) and finite differences agree, to within what
+    rounding can explain. The rounding sensitivity of the derivative is measured first
+    (:func:`rounding_sensitivity`); where the unroll is too ill-conditioned for any comparison
+    to mean something (a chaotic trajectory), K is halved down to K/8 to the longest
+    well-conditioned unroll, and the check is INCONCLUSIVE if there is none."""
     params, state = case.hist[start]
     rate = hdfunc.find_lr_state(state).lr
-    L = unrolled_loss(case.rule, case.problem.loss, params, state, steps, case.objective)
     gen = torch.Generator().manual_seed(3000 + case.seed)
     scalar = isinstance(rate, torch.Tensor) and rate.dim() == 0
     w = tangent_like(rate, gen, random=not scalar)
+    dtype, objective = case.dtype, case.objective
+    shortest = max(1, min(steps, max(steps // 8, 5)))
+
+    def forward_at(k: int, noise: Optional[Noise] = None) -> torch.Tensor:
+        L = unrolled_loss(case.rule, case.problem.loss, params, state, k, objective, noise)
+        return jvp(L, (rate,), (w,))[1]
+
+    k, first_sensitivity = steps, None
+    while True:
+        forward = forward_at(k)
+        if not torch.isfinite(forward) and case.problem.exact_zeros:
+            return [inconclusive(case, UNROLLED, "reverse vs forward", f"seed {case.seed}, K={k}",
+                                 NOT_DIFFERENTIABLE_AT_ZERO)]
+        scale = max(abs(float(forward)), case.floor(w))
+        sensitivity = rounding_sensitivity(lambda noise: forward_at(k, noise), float(forward),
+                                           scale, dtype)
+        if first_sensitivity is None:
+            first_sensitivity = sensitivity
+        if sensitivity <= ILL_CONDITIONED[dtype] or k <= shortest:
+            break
+        k = max(k // 2, shortest)
+    note = _conditioning_note(steps, k, first_sensitivity)
+    where = f"seed {case.seed}, K={k}, {note}"
+    if sensitivity > ILL_CONDITIONED[dtype]:
+        return [inconclusive(case, UNROLLED, "reverse vs forward", where,
+                             f"the unroll is ill-conditioned down to K={k}: rounding-sized noise "
+                             f"moves dL_K/dalpha by {sensitivity:.1e} relative, so no comparison "
+                             "can tell a wrong derivative from rounding")]
+    L = unrolled_loss(case.rule, case.problem.loss, params, state, k, objective)
     reverse = grad(L)(rate)
-    _, forward = jvp(L, (rate,), (w,))
     along = tree_dot(reverse, w)
-    where = f"seed {case.seed}, K={steps}"
     scale = max(tree_abs_dot(reverse, w), abs(float(forward)), case.floor(w))
+    conditioned = CONDITIONING_SAFETY * sensitivity
     out = [_outcome(case, UNROLLED, "reverse vs forward", abs(float(along - forward)), scale,
-                    tolerance(case.dtype, "unrolled"), where,
+                    max(tolerance(dtype, "unrolled"), conditioned), where,
                     "dL_K/dalpha by reverse mode and by forward mode")]
-    if case.dtype == torch.float64 and case.spec.smooth:
+    if dtype == torch.float64 and case.spec.smooth and case.problem.smooth:
         fd = finite_difference(lambda s: L(tree_axpy(rate, s, w)), device=case.device,
-                               initial_step=fd_step(steps))
+                               initial_step=fd_step(k))
         out.append(_outcome(case, UNROLLED, "fd vs forward", abs(fd.value - float(forward)),
-                            scale, tolerance(case.dtype, "unrolled_fd"),
+                            scale, max(tolerance(dtype, "unrolled_fd"), conditioned),
                             where, "dL_K/dalpha by finite differences and by forward mode", fd))
     return out
+
+
+def inconclusive(case: Case, check: str, method: str, where: str, reason: str) -> Outcome:
+    """An INCONCLUSIVE outcome: the comparison cannot decide here, for ``reason``."""
+    rule, problem, dtype = case.label()
+    return Outcome(check, method, rule, problem, dtype, math.nan, math.nan, 0.0, INCONCLUSIVE,
+                   where, f"{check} ({method}) INCONCLUSIVE for rule {rule} on problem {problem} "
+                          f"({dtype}, {where}): {reason}")
 
 
 def greedy_vs_exact(spec: RuleSpec, problem: Problem, steps_list: Sequence[int], seeds: int,
@@ -574,16 +640,17 @@ def greedy_vs_exact(spec: RuleSpec, problem: Problem, steps_list: Sequence[int],
 # ----------------------------------------------------------------------------- 4. hyper-hypergradients
 
 
-def hd_loss_of_beta(rule: Any, loss: Callable, params: PyTree, state: Any, steps: int
-                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+def hd_loss_of_beta(rule: Any, loss: Callable, params: PyTree, state: Any, steps: int,
+                    noise: Optional[Noise] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """f(θ_K) after K steps of the HD rule itself, as a function of β (set at the first step)."""
     def run(beta: torch.Tensor) -> torch.Tensor:
-        return loss(roll(rule, loss, params, hdfunc.freeze_hypergrad_lr(state, beta), steps)[0])
+        return loss(roll(rule, loss, params, hdfunc.freeze_hypergrad_lr(state, beta), steps,
+                         noise=noise)[0])
     return run
 
 
-def hd_loss_of_initial_lr(rule: Any, loss: Callable, params: PyTree, steps: int
-                          ) -> Callable[[torch.Tensor], torch.Tensor]:
+def hd_loss_of_initial_lr(rule: Any, loss: Callable, params: PyTree, steps: int,
+                          noise: Optional[Noise] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """f(θ_K) after K steps of the HD rule from its initial state, as a function of α_0."""
     state0 = rule.init(params)
     node = hdfunc.find_lr_state(state0)
@@ -594,8 +661,15 @@ def hd_loss_of_initial_lr(rule: Any, loss: Callable, params: PyTree, steps: int
         if "applied_lr" in node._fields:
             changes["applied_lr"] = rates
         return loss(roll(rule, loss, params, hdfunc.replace_lr_state(state0, **changes),
-                         steps)[0])
+                         steps, noise=noise)[0])
     return run
+
+
+def one_step_fd_step(problem: Problem) -> float:
+    """The first relative step of a one-step finite difference: 0.5, or 1e-3 on a piecewise
+    smooth problem (ReLU), where a larger change of the rate moves some pre-activation across
+    its kink and no step size then resolves the derivative of the piece the point is on."""
+    return 0.5 if problem.smooth else 1e-3
 
 
 def fd_step(steps: int) -> float:
@@ -606,22 +680,39 @@ def fd_step(steps: int) -> float:
     return min(0.25, 5.0 / max(steps, 1))
 
 
-def _scalar_derivatives(case: Case, check: str, L: Callable[[torch.Tensor], torch.Tensor],
+def _scalar_derivatives(case: Case, check: str,
+                        make_L: Callable[[Optional[Noise]], Callable[[torch.Tensor], torch.Tensor]],
                         x0: torch.Tensor, where: str, steps: int) -> list[Outcome]:
     """dL/dx at x0 for a scalar x by reverse, forward and finite differences (in the relative
-    variable s, x = x0 (1 + s), so the step is scale-free)."""
+    variable s, x = x0 (1 + s), so the step is scale-free), with the tolerance raised to what
+    the measured rounding sensitivity explains (INCONCLUSIVE past ``ILL_CONDITIONED``).
+    ``make_L(noise)`` builds L, with rounding-sized noise in its loop when asked."""
+    L = make_L(None)
+    one = torch.ones_like(x0)
     reverse = grad(L)(x0)
-    _, forward = jvp(L, (x0,), (torch.ones_like(x0),))
+    _, forward = jvp(L, (x0,), (one,))
+    dtype = case.dtype
+    if not torch.isfinite(forward) and case.problem.exact_zeros:
+        return [inconclusive(case, check, "reverse vs forward", where, NOT_DIFFERENTIABLE_AT_ZERO)]
     scale = max(abs(float(reverse)), abs(float(forward)))
+    sensitivity = rounding_sensitivity(
+        lambda noise: jvp(make_L(noise), (x0,), (one,))[1], float(forward), scale, dtype)
+    where = f"{where}, rounding sensitivity {sensitivity:.1e}"
+    if sensitivity > ILL_CONDITIONED[dtype]:
+        return [inconclusive(case, check, "reverse vs forward", where,
+                             f"rounding-sized noise moves the derivative by {sensitivity:.1e} "
+                             "relative: the unroll is too ill-conditioned to check")]
+    conditioned = CONDITIONING_SAFETY * sensitivity
     out = [_outcome(case, check, "reverse vs forward", abs(float(reverse - forward)), scale,
-                    tolerance(case.dtype, "unrolled"), where,
+                    max(tolerance(dtype, "unrolled"), conditioned), where,
                     "the derivative by reverse mode and by forward mode")]
-    if case.dtype == torch.float64 and case.spec.smooth:
+    if dtype == torch.float64 and case.spec.smooth and case.problem.smooth:
         size = abs(float(x0)) or 1.0
         fd = finite_difference(lambda s: L(x0 + s.to(x0.dtype) * size), device=case.device,
                                initial_step=fd_step(steps))
         out.append(_outcome(case, check, "fd vs forward", abs(fd.value - size * float(forward)),
-                            size * max(abs(float(forward)), abs(fd.value) / size), tolerance(case.dtype, "unrolled_fd"),
+                            size * max(abs(float(forward)), abs(fd.value) / size),
+                            max(tolerance(dtype, "unrolled_fd"), conditioned),
                             where, "the derivative by finite differences and by forward mode", fd))
     return out
 
@@ -631,13 +722,15 @@ def check_hyper(case: Case, steps: int, start: int = 2) -> list[Outcome]:
     params, state = case.hist[start]
     node = hdfunc.find_lr_state(state)
     beta = node.hypergrad_lr
-    out = _scalar_derivatives(case, HYPER_BETA, hd_loss_of_beta(
-        case.rule, case.problem.loss, params, state, steps), beta,
-        f"seed {case.seed}, from t={start}, K={steps}", steps)
+    rule, loss = case.rule, case.problem.loss
+    out = _scalar_derivatives(
+        case, HYPER_BETA, lambda noise: hd_loss_of_beta(rule, loss, params, state, steps, noise),
+        beta, f"seed {case.seed}, from t={start}, K={steps}", steps)
     params0, state0 = case.hist[0]
     lr0 = torch.as_tensor(case.calibration.lr, dtype=torch.float64, device=case.device)
-    out += _scalar_derivatives(case, HYPER_ALPHA0, hd_loss_of_initial_lr(
-        case.rule, case.problem.loss, params0, steps), lr0, f"seed {case.seed}, K={steps}", steps)
+    out += _scalar_derivatives(
+        case, HYPER_ALPHA0, lambda noise: hd_loss_of_initial_lr(rule, loss, params0, steps, noise),
+        lr0, f"seed {case.seed}, K={steps}", steps)
     return out
 
 
@@ -669,7 +762,8 @@ def check_hyper_analytic(case: Case, t: int) -> list[Outcome]:
                     max(abs(float(forward)), floor), tolerance(case.dtype, FORWARD), where, what)]
     if case.dtype == torch.float64:
         size = abs(float(beta)) or 1.0
-        fd = finite_difference(lambda s: F(beta + s.to(beta.dtype) * size), device=case.device)
+        fd = finite_difference(lambda s: F(beta + s.to(beta.dtype) * size), device=case.device,
+                               initial_step=one_step_fd_step(case.problem))
         out.append(_outcome(case, HYPER_ANALYTIC, FINITE, abs(size * float(analytic) - fd.value),
                             max(abs(fd.value), size * abs(float(analytic)), size * floor),
                             tolerance(case.dtype, FINITE),
@@ -677,7 +771,37 @@ def check_hyper_analytic(case: Case, t: int) -> list[Outcome]:
     return out
 
 
-# ----------------------------------------------------------------------------- 5. equivalences
+# ----------------------------------------------------------------------------- 5. the whole rule
+
+
+def check_oracle(case: Case) -> list[Outcome]:
+    """The rule's whole trajectory against the autodiff-HD oracle (:mod:`verification.oracle`):
+    step by step, each part of every step (h_t, the higher-order β_t, the rate law α_t, the
+    applied rate γ_t, the step θ_t) against the definition computed from the rule's own
+    state, and the trajectory from θ_0 against the oracle's own. One outcome per part: the
+    worst step, and the first step at which it failed."""
+    result = run_oracle(case.rule, case.problem.loss, case.objective, case.hist, case.floor())
+    rule, problem, dtype = case.label()
+    out = []
+    for part, record in result.parts.items():
+        where = f"seed {case.seed}, {record.compared} comparisons over t=1..{result.steps}, worst at t={record.worst_step}"
+        if record.first_failure is not None:
+            where += f", first failure at t={record.first_failure}"
+        reason = ""
+        if part == TRAJECTORY:
+            where += f", rounding sensitivity {result.trajectory_sensitivity:.1e}"
+            if result.ill_conditioned:
+                reason = ("the trajectory is ill-conditioned: rounding-sized noise moves it by "
+                          f"{result.trajectory_sensitivity:.1e} relative, so two runs that are "
+                          "each right up to rounding may part by as much")
+        out.append(judged(ORACLE, part, rule, problem, dtype, record.worst_abs,
+                          record.worst_scale, record.tolerance, where, WHAT[part],
+                          first_step=record.first_failure, hint=HINT[part],
+                          inconclusive_reason=reason))
+    return out
+
+
+# ----------------------------------------------------------------------------- 6. equivalences
 
 
 def _trajectory_error(a: list, b: list) -> tuple[float, float]:
@@ -691,7 +815,8 @@ def check_beta_zero(spec: RuleSpec, problem: Problem, steps: int) -> list[Outcom
     calibration = calibrate(spec, problem)
     hd = run_trajectory(spec.make(calibration.lr, 0.0, calibration), problem.loss,
                         problem.params, steps)
-    base = run_trajectory(spec.base(calibration.lr), problem.loss, problem.params, steps)
+    base = run_trajectory(spec.base(calibration.lr, calibration.eps_root), problem.loss,
+                          problem.params, steps)
     abs_err, scale = _trajectory_error(hd, base)
     return [judged(BETA_ZERO, "params", spec.name, problem.name, dtype_name(problem.dtype),
                    abs_err, scale, tolerance(problem.dtype, "equal"), f"{steps} steps",
@@ -701,7 +826,7 @@ def check_beta_zero(spec: RuleSpec, problem: Problem, steps: int) -> list[Outcom
 def check_torch_optim(spec: RuleSpec, problem: Problem, steps: int) -> list[Outcome]:
     """The base rule takes the steps of the matching ``torch.optim`` optimizer."""
     calibration = calibrate(spec, problem)
-    ours = run_trajectory(spec.base(calibration.lr), problem.loss, problem.params, steps)
+    ours = run_trajectory(spec.base(calibration.lr, 0.0), problem.loss, problem.params, steps)
     theirs, optimizer = optimizer_trajectory(
         problem, lambda tensors: spec.torch_optimizer(tensors, calibration.lr), steps)
     abs_err, scale = _trajectory_error(ours, theirs)

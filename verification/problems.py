@@ -20,7 +20,7 @@ from torch.func import grad, jvp
 
 from hdfunc.tree import PyTree, tree_flatten, tree_map, tree_unflatten
 
-PROBLEM_NAMES = ("quadratic", "logistic", "mlp", "rosenbrock")
+PROBLEM_NAMES = ("quadratic", "logistic", "mlp", "rosenbrock", "tiny_quadratic", "relu_mlp")
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,6 +41,8 @@ class Problem:
     hessian: Optional[torch.Tensor] = None
     linear_term: Optional[torch.Tensor] = None
     seed: int = 0
+    smooth: bool = True  # False: piecewise smooth (ReLU): the K-step finite differences may cross a kink
+    exact_zeros: bool = False  # some gradient entries are exactly zero at every step (dead units)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -155,6 +157,62 @@ def mlp(seed: int = 0, dtype: torch.dtype = torch.float64, device: Any = "cpu", 
                    description=f"tanh MLP {features}-{hidden}-{classes}, {samples} samples", seed=seed)
 
 
+def relu_mlp(seed: int = 0, dtype: torch.dtype = torch.float64, device: Any = "cpu", *,
+             samples: int = 32, features: int = 5, hidden: int = 10, dead: int = 3,
+             classes: int = 3) -> Problem:
+    """A one-hidden-layer ReLU MLP with softmax cross-entropy whose last ``dead`` hidden units
+    are dead (bias -50: negative pre-activation on every sample, so their weights get exactly
+    zero gradients at every step, and Adam's or RMSprop's v stays exactly 0 there). Through
+    training, autodiff then meets sqrt'(0) = inf (see ``eps_root``); the loss is piecewise
+    smooth, so only derivatives that no kink lies close to are compared with finite
+    differences."""
+    if not 0 <= dead < hidden:
+        raise ValueError(f"dead must lie in [0, hidden), got {dead}")
+    gen = torch.Generator().manual_seed(seed)
+    x = _randn(gen, samples, features, dtype=dtype, device=device)
+    labels = torch.randint(0, classes, (samples,), generator=gen).to(device)
+    bias = 0.1 * _randn(gen, hidden, dtype=dtype, device=device)
+    bias = torch.cat([bias[:hidden - dead], torch.full((dead,), -50.0, dtype=dtype, device=device)])
+    params = {
+        "hidden": {"weight": _randn(gen, hidden, features, dtype=dtype, device=device) / math.sqrt(features),
+                   "bias": bias},
+        "output": {"weight": _randn(gen, classes, hidden, dtype=dtype, device=device) / math.sqrt(hidden),
+                   "bias": torch.zeros(classes, dtype=dtype, device=device)},
+    }
+
+    def loss(p: PyTree) -> torch.Tensor:
+        h = torch.relu(x @ p["hidden"]["weight"].T + p["hidden"]["bias"])
+        logits = h @ p["output"]["weight"].T + p["output"]["bias"]
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    return Problem("relu_mlp", params, loss, estimate_smoothness(loss, params, seed=seed),
+                   description=f"ReLU MLP {features}-{hidden}-{classes} with {dead} dead units, "
+                               f"{samples} samples", seed=seed, smooth=False, exact_zeros=True)
+
+
+def tiny_quadratic(seed: int = 0, dtype: torch.dtype = torch.float64, device: Any = "cpu",
+                   **options: Any) -> Problem:
+    """The quadratic scaled by 1e-8, so that gradient entries lie around 1e-8 (Adam's and
+    RMSprop's default ε, 100 × Adagrad's): an ε omitted or misplaced anywhere in a direction
+    or a hypergradient changes it by a relative O(1) here, where on the unscaled problems it
+    changes it by ~ε/|g| ≈ 1e-8, below what a comparison can resolve."""
+    return scaled(quadratic(seed, dtype, device, **options), 1e-8, "tiny_quadratic")
+
+
+def scaled(problem: Problem, factor: float, name: Optional[str] = None) -> Problem:
+    """``problem`` with its loss multiplied by ``factor`` (gradients, Hessian and L scale with
+    it; the minimiser does not)."""
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"a problem's scale must be a positive finite number, got {factor}")
+    inner = problem.loss
+    return Problem(name or f"{problem.name}*{factor:g}", problem.params,
+                   lambda p: factor * inner(p), problem.smoothness * factor,
+                   description=f"{problem.description}, loss × {factor:g}",
+                   hessian=None if problem.hessian is None else factor * problem.hessian,
+                   linear_term=None if problem.linear_term is None else factor * problem.linear_term,
+                   seed=problem.seed, smooth=problem.smooth, exact_zeros=problem.exact_zeros)
+
+
 def rosenbrock(seed: int = 0, dtype: torch.dtype = torch.float64, device: Any = "cpu", *,
                pairs: int = 3) -> Problem:
     """Σ (1-x_i)² + 100 (y_i - x_i²)² over ``pairs`` independent (x_i, y_i); params (x, y),
@@ -174,6 +232,7 @@ def rosenbrock(seed: int = 0, dtype: torch.dtype = torch.float64, device: Any = 
 
 BUILDERS: dict[str, Callable[..., Problem]] = {
     "quadratic": quadratic, "logistic": logistic, "mlp": mlp, "rosenbrock": rosenbrock,
+    "tiny_quadratic": tiny_quadratic, "relu_mlp": relu_mlp,
 }
 
 

@@ -7,9 +7,13 @@ import math
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-PASS, FAIL, ERROR = "PASS", "FAIL", "ERROR"
+PASS, FAIL, ERROR, INCONCLUSIVE = "PASS", "FAIL", "ERROR", "INCONCLUSIVE"
+VERDICTS = (PASS, INCONCLUSIVE, FAIL, ERROR)  # from best to worst
+
+# Exit status of ``python -m verification`` by overall verdict (2: bad arguments).
+EXIT_STATUS = {"PASSED": 0, "FAILED": 1, "INCONCLUSIVE": 3, "INTERRUPTED": 130}
 
 
 @dataclass
@@ -17,7 +21,11 @@ class Outcome:
     """One comparison: ``value`` (the quantity under test) against ``reference`` (an exact or
     independent computation), ``max_rel_err`` = max abs error / ``scale``, passing when it is at
     most ``tolerance``. ``where`` locates it (seed, step t, K ...); ``message`` explains a
-    failure in words."""
+    failure in words. An INCONCLUSIVE outcome is a comparison that cannot tell a right
+    derivative from a wrong one here (an unroll so ill-conditioned that rounding alone could
+    explain the difference, a finite difference whose own error is too large): it neither
+    passes nor fails, and ``message`` says why. ``first_step`` is the first step at which a
+    step-by-step comparison failed (the oracle's), for the diagnosis."""
 
     check: str
     method: str
@@ -30,21 +38,29 @@ class Outcome:
     verdict: str
     where: str = ""
     message: str = ""
+    first_step: Optional[int] = None
 
     @property
     def failed(self) -> bool:
-        return self.verdict != PASS
+        return self.verdict in (FAIL, ERROR)
+
+    @property
+    def inconclusive(self) -> bool:
+        return self.verdict == INCONCLUSIVE
 
 
 def judged(check: str, method: str, rule: str, problem: str, dtype: str, abs_err: float,
            scale: float, tolerance: float, where: str, what: str,
-           allowance: float = 0.0) -> Outcome:
+           allowance: float = 0.0, first_step: Optional[int] = None, hint: str = "",
+           inconclusive_reason: str = "") -> Outcome:
     """An outcome from an absolute error and the scale it is relative to. ``what`` names the
     two quantities compared, for the failure message. ``allowance`` is an absolute error
     that the reference itself may carry (a finite difference's rounding floor and error
     estimate, capped by the caller): it is added to the tolerance, relative to the scale, so
     ``max_rel_err`` is always the raw error and the outcome passes when it is at most the
-    (effective) ``tolerance`` reported."""
+    (effective) ``tolerance`` reported. ``hint`` is appended to a failure message.
+    ``inconclusive_reason``, when given, turns a failure into INCONCLUSIVE with that reason
+    (the caller found the comparison unable to resolve the difference)."""
     if not math.isfinite(abs_err) or not math.isfinite(scale):
         rel = math.inf
     elif scale > 0:
@@ -55,6 +71,12 @@ def judged(check: str, method: str, rule: str, problem: str, dtype: str, abs_err
         tolerance = tolerance + allowance / scale
     verdict = PASS if rel <= tolerance else FAIL
     message = ""
+    if verdict == FAIL and inconclusive_reason:
+        message = (f"{check} ({method}) INCONCLUSIVE for rule {rule} on problem {problem} "
+                   f"({dtype}, {where}): {what} differ by {rel:.3g} relative (tolerance "
+                   f"{tolerance:.2g}), but {inconclusive_reason}")
+        return Outcome(check, method, rule, problem, dtype, float(abs_err), float(rel),
+                       float(tolerance), INCONCLUSIVE, where, message, first_step)
     if verdict == FAIL and not math.isfinite(abs_err):
         message = (f"{check} ({method}) FAILED for rule {rule} on problem {problem} "
                    f"({dtype}, {where}): {what} differ by a non-finite amount (NaN or inf: a "
@@ -63,8 +85,10 @@ def judged(check: str, method: str, rule: str, problem: str, dtype: str, abs_err
         message = (f"{check} ({method}) FAILED for rule {rule} on problem {problem} "
                    f"({dtype}, {where}): {what} differ by {abs_err:.3g} absolute, "
                    f"{rel:.3g} relative (tolerance {tolerance:.2g})")
+    if message and hint:
+        message += f". {hint}"
     return Outcome(check, method, rule, problem, dtype, float(abs_err), float(rel),
-                   float(tolerance), verdict, where, message)
+                   float(tolerance), verdict, where, message, first_step)
 
 
 def errored(check: str, rule: str, problem: str, dtype: str, where: str,
@@ -103,11 +127,48 @@ class Report:
         return [o for o in self.outcomes if o.failed]
 
     @property
+    def inconclusives(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.inconclusive]
+
+    @property
     def passed(self) -> bool:
-        return bool(self.outcomes) and not self.failures and not self.interrupted
+        return (bool(self.outcomes) and not self.failures and not self.inconclusives
+                and not self.interrupted)
+
+    @property
+    def verdict(self) -> str:
+        """PASSED, FAILED (a comparison failed or errored), INCONCLUSIVE (none failed, but some
+        could not decide) or INTERRUPTED."""
+        if self.interrupted:
+            return "INTERRUPTED"
+        if self.failures or not self.outcomes:
+            return "FAILED"
+        return "INCONCLUSIVE" if self.inconclusives else "PASSED"
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_STATUS[self.verdict]
+
+    def diagnoses(self) -> list[str]:
+        """For each rule the oracle failed: the first part of the HD step that differs from the
+        definition (earliest step, then the algorithm's order), where, and what to look at."""
+        from verification.oracle import HINT, ORACLE, PARTS
+        first: dict[str, Outcome] = {}
+        for o in self.outcomes:
+            if o.check != ORACLE or o.verdict != FAIL or o.method not in PARTS:
+                continue
+            key = (o.first_step if o.first_step is not None else 10 ** 9, PARTS.index(o.method))
+            best = first.get(o.rule)
+            if best is None or key < (best.first_step if best.first_step is not None
+                                      else 10 ** 9, PARTS.index(best.method)):
+                first[o.rule] = o
+        return [f"{rule}: the first part of the HD step that differs from its definition is the "
+                f"{o.method}, first at step t={o.first_step} on {o.problem} ({o.where}; "
+                f"{o.max_rel_err:.3g} relative). {HINT[o.method]}."
+                for rule, o in first.items()]
 
     def counts(self) -> dict[str, int]:
-        counts = {PASS: 0, FAIL: 0, ERROR: 0}
+        counts = {PASS: 0, FAIL: 0, ERROR: 0, INCONCLUSIVE: 0}
         for o in self.outcomes:
             counts[o.verdict] = counts.get(o.verdict, 0) + 1
         return counts
@@ -116,8 +177,10 @@ class Report:
         c = self.counts()
         rules = len({o.rule for o in self.outcomes})
         problems = len({o.problem for o in self.outcomes})
-        state = "PASSED" if self.passed else ("INTERRUPTED" if self.interrupted else "FAILED")
-        return (f"verification {state}: {c[PASS]} passed, {c[FAIL]} failed, {c[ERROR]} errors "
+        state = self.verdict
+        inconclusive = f"{c[INCONCLUSIVE]} inconclusive, " if c[INCONCLUSIVE] else ""
+        return (f"verification {state}: {c[PASS]} passed, {c[FAIL]} failed, {inconclusive}"
+                f"{c[ERROR]} errors "
                 f"({len(self.outcomes)} comparisons, {rules} rules, {problems} problems"
                 f"{', %.1f s' % self.meta['seconds'] if 'seconds' in self.meta else ''})")
 
@@ -149,7 +212,7 @@ class Report:
         rows = []
         for (check, method), items in groups.items():
             worst = max(items, key=_badness)
-            verdict = PASS if all(o.verdict == PASS for o in items) else worst.verdict
+            verdict = worst.verdict
             rows.append({"check": f"{check} [{method}]" if method != "-" else check,
                          "n": len(items), "rules": len({o.rule for o in items}),
                          "problems": len({o.problem for o in items}),
@@ -187,7 +250,9 @@ class Report:
                 "counts": self.counts(), "meta": self.meta,
                 "rows": [_jsonable(r) for r in self.rows()],
                 "outcomes": [_jsonable(asdict(o)) for o in self.outcomes],
+                "verdict": self.verdict, "diagnoses": self.diagnoses(),
                 "failures": [o.message for o in self.failures],
+                "inconclusive": [o.message for o in self.inconclusives],
                 "findings": [_jsonable(asdict(f)) for f in self.findings]}
 
     @classmethod
@@ -218,8 +283,13 @@ class Report:
             lines += ["| setting | value |", "| --- | --- |"]
             lines += [f"| {k} | {v} |" for k, v in self.meta.items()]
             lines.append("")
+        diagnoses = self.diagnoses()
+        if diagnoses:
+            lines += ["## Diagnosis", ""] + [f"- {d}" for d in diagnoses] + [""]
         if self.failures:
             lines += ["## Failures", ""] + [f"- {o.message}" for o in self.failures] + [""]
+        if self.inconclusives:
+            lines += ["## Inconclusive", ""] + [f"- {o.message}" for o in self.inconclusives] + [""]
         lines += ["## Summary by check", "",
                   "Each row gathers every comparison of one check and method, over all rules, "
                   "problems, seeds and steps; `max rel err` is the largest error relative to "
@@ -270,7 +340,7 @@ def _text_table(columns: list[str], cells: list[list[str]]) -> str:
 
 
 def _badness(o: Outcome) -> tuple:
-    rank = {PASS: 0, FAIL: 1, ERROR: 2}[o.verdict]
+    rank = VERDICTS.index(o.verdict)
     return (rank, o.max_rel_err / o.tolerance if o.tolerance > 0 else o.max_rel_err)
 
 
@@ -293,4 +363,4 @@ def environment() -> dict[str, str]:
 
 
 __all__ = ["Outcome", "Finding", "Report", "judged", "errored", "PASS", "FAIL", "ERROR",
-           "environment"]
+           "INCONCLUSIVE", "environment"]

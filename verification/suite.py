@@ -43,20 +43,34 @@ class Plan:
 
 QUICK = Plan(problems=PROBLEM_NAMES, seeds=(0,), steps=8, states=(3, 8),
              second_order_states=(5,), unrolled_steps=(10,), hyper_steps=5,
-             hyper_problems=("quadratic",), finding_steps=(1, 5, 20), finding_seeds=4,
+             hyper_problems=("quadratic", "relu_mlp"), finding_steps=(1, 5, 20), finding_seeds=4,
              equivalence_steps=10, batch_seeds=4, batch_problems=("quadratic",))
 FULL = Plan(problems=PROBLEM_NAMES, seeds=(0, 1), steps=20, states=(2, 3, 20),
             second_order_states=(10,), unrolled_steps=(20, 200), hyper_steps=20,
-            hyper_problems=("quadratic", "rosenbrock"), finding_steps=(1, 3, 10, 30, 100, 300),
-            finding_seeds=8, equivalence_steps=30, batch_seeds=16)
+            hyper_problems=("quadratic", "rosenbrock", "relu_mlp"),
+            finding_steps=(1, 3, 10, 30, 100, 300), finding_seeds=8, equivalence_steps=30,
+            batch_seeds=16)
 
-# Which built-in specs get the costlier checks (K-step loops), by name.
+# Which built-in specs get the costlier checks (K-step loops), by name: in the full run every
+# base the library ships, in the quick run a representative few.
 QUICK_UNROLLED = ("sgd_hd[global,additive]", "adam_hd[element,additive]")
 QUICK_HYPER = ("sgd_hd[global,additive]", "sgd_hd[global,additive,higher-order]",
                "adam_hd[element,multiplicative,higher-order]")
 FULL_UNROLLED = ("sgd_hd[global,additive]", "sgd_hd[element,additive]",
+                 "sgd_hd+l2[global,additive]", "sgdn_hd[global,additive]",
                  "sgdn_hd[tensor,additive]", "adam_hd[global,additive]",
-                 "adam_hd[element,additive]")
+                 "adam_hd[element,additive]", "adamw_hd[global,additive]",
+                 "rmsprop_hd[global,additive]", "adagrad_hd[global,additive]",
+                 "lion_hd[global,additive]")
+
+
+def differentiated_through(spec: RuleSpec, problem: Problem) -> bool:
+    """Whether the multi-step checks (K-step, d loss_K / d beta, d alpha_0), which
+    differentiate through training, run ``spec`` on ``problem``. On a problem with exactly-zero
+    gradient entries (dead ReLU units) a rule with a square root of a second moment needs
+    ``eps_root`` > 0 to be differentiable through training: the built-in rules are run there
+    with it, user rules only where the user asks for that problem (``problems=``)."""
+    return not problem.exact_zeros or spec.family != "user"
 
 
 def full_hyper(spec: RuleSpec) -> bool:
@@ -91,10 +105,12 @@ def _guarded(task: Task, dtype: torch.dtype) -> list:
 
 
 def plan_tasks(specs: Sequence[RuleSpec], plan: Plan, *, quick: bool, catalog: bool,
-               dtype: torch.dtype, device: Any, only: Optional[str] = None) -> list[Task]:
+               dtype: torch.dtype, device: Any, only: Optional[str] = None,
+               explicit: bool = False) -> list[Task]:
     """The tasks for ``specs``. A user rule (family "user") gets every check that applies to a
     rule of unknown family; ``catalog`` adds the library-wide checks (torch.optim, findings,
-    other front ends)."""
+    other front ends). ``explicit``: the problems were chosen by the user, and every check
+    runs on each of them."""
     problems: dict[tuple[str, int], Problem] = {}
 
     def problem(name: str, seed: int = 0) -> Problem:
@@ -117,6 +133,8 @@ def plan_tasks(specs: Sequence[RuleSpec], plan: Plan, *, quick: bool, catalog: b
         unrolled = user or spec.name in (QUICK_UNROLLED if quick else FULL_UNROLLED)
         if unrolled:
             for name in plan.problems:
+                if not (explicit or differentiated_through(spec, problem(name))):
+                    continue
                 for steps in plan.unrolled_steps:
                     tasks.append(Task(f"{spec.name} / {name} / K={steps}", (
                         lambda spec=spec, name=name, steps=steps: C.check_unrolled(
@@ -125,6 +143,8 @@ def plan_tasks(specs: Sequence[RuleSpec], plan: Plan, *, quick: bool, catalog: b
         hyper = user or (spec.name in QUICK_HYPER if quick else full_hyper(spec))
         if hyper:
             for name in plan.hyper_problems:
+                if not (explicit or differentiated_through(spec, problem(name))):
+                    continue
                 tasks.append(Task(f"{spec.name} / {name} / hyper K={plan.hyper_steps}", (
                     lambda spec=spec, name=name: C.check_hyper(
                         C.make_case(spec, problem(name), 2), plan.hyper_steps)),
@@ -182,6 +202,9 @@ def _case_task(spec: RuleSpec, name: str, seed: int, plan: Plan,
         for t in plan.second_order_states:
             out += _each(lambda: C.check_second_order(case, t), C.SECOND_ORDER, case,
                          f"seed {seed}, t={t}")
+        if seed == plan.seeds[0]:
+            out += _each(lambda: C.check_oracle(case), C.ORACLE, case,
+                         f"seed {seed}, t=1..{plan.steps}")
         if spec.higher_order:
             for t in plan.states:
                 if t >= 3:
@@ -236,7 +259,8 @@ def run(rules: Optional[Iterable[RuleSpec | Callable[[float, float], Any]]] = No
             raise ValueError(f"no rule matches --only {only!r}")
     device = torch.device(device)
     start = time.perf_counter()
-    tasks = plan_tasks(specs, plan, quick=quick, catalog=rules is None, only=only, dtype=dtype, device=device)
+    tasks = plan_tasks(specs, plan, quick=quick, catalog=rules is None, only=only, dtype=dtype,
+                       device=device, explicit=bool(problems))
     report = Report(meta={"mode": "quick" if quick else "full", "device": str(device),
                           "dtype": C.dtype_name(dtype), "rules": len(specs),
                           "problems": ", ".join(plan.problems), **environment()})
