@@ -241,7 +241,7 @@ def test_report_table_json_and_markdown(tmp_path):
         assert column in table.splitlines()[0]
     report.write_json(tmp_path / "r.json")
     data = json.loads((tmp_path / "r.json").read_text())
-    assert data["passed"] is False and data["counts"] == {"PASS": 1, "FAIL": 1, "ERROR": 0}
+    assert data["passed"] is False and data["counts"] == {"PASS": 1, "FAIL": 1, "ERROR": 0, "INCONCLUSIVE": 0}
     report.write_markdown(tmp_path / "r.md")
     assert "## Failures" in (tmp_path / "r.md").read_text()
     assert not Report().passed  # an empty report is not a pass
