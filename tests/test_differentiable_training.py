@@ -252,6 +252,24 @@ def test_eps_root_zero_is_the_previous_adam_arithmetic_bit_for_bit(dtype, b1, b2
                            tree_flatten(p)[1])
 
 
+def assert_equal_and_matches_torch_optim(rule, default_rule, make_torch, steps: int = 10):
+    """On ``make_problem()``, ``steps`` steps of ``rule`` equal those of ``default_rule`` bit for
+    bit, and match the torch.optim optimizer ``make_torch(params)`` to rtol 1e-10, atol 1e-12,
+    after every step."""
+    params, loss = make_problem()
+    leaves, spec = tree_flatten(params)
+    torch_params = [p.clone().requires_grad_() for p in leaves]
+    optimizer = make_torch(torch_params)
+    history, default = run(rule, params, loss, steps), run(default_rule, params, loss, steps)
+    for (p, _), (p_default, _) in zip(history, default, strict=True):
+        optimizer.zero_grad()
+        loss(tree_unflatten(torch_params, spec)).backward()
+        optimizer.step()
+        for x, y, z in zip(tree_leaves(p), tree_leaves(p_default), torch_params, strict=True):
+            assert torch.equal(x, y)
+            torch.testing.assert_close(x, z.detach(), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("make_rule", [
     lambda: hdfunc.adam(0.01, betas=(0.8, 0.99), eps=1e-6, eps_root=0.0),
     lambda: hdfunc.adam_hd(0.01, 0.0, betas=(0.8, 0.99), eps=1e-6, eps_root=0.0),
@@ -260,19 +278,9 @@ def test_eps_root_zero_matches_torch_optim_adam(make_rule):
     """The rule level (as tests/test_rules.py): bit for bit against Adam without eps_root, and
     against torch.optim.Adam to 1e-10 (torch's kernels order the arithmetic differently: lerp,
     addcdiv with lr / (1-β1^t), so equality there is to rounding, not bitwise)."""
-    params, loss = make_problem()
-    leaves, spec = tree_flatten(params)
-    torch_params = [p.clone().requires_grad_() for p in leaves]
-    optimizer = torch.optim.Adam(torch_params, lr=0.01, betas=(0.8, 0.99), eps=1e-6)
-    history = run(make_rule(), params, loss, 10)
-    default = run(hdfunc.adam(0.01, betas=(0.8, 0.99), eps=1e-6), params, loss, 10)
-    for (p, _), (p_default, _) in zip(history, default):
-        optimizer.zero_grad()
-        loss(tree_unflatten(torch_params, spec)).backward()
-        optimizer.step()
-        for x, y, z in zip(tree_leaves(p), tree_leaves(p_default), torch_params, strict=True):
-            assert torch.equal(x, y)
-            torch.testing.assert_close(x, z.detach(), rtol=1e-10, atol=1e-12)
+    assert_equal_and_matches_torch_optim(
+        make_rule(), hdfunc.adam(0.01, betas=(0.8, 0.99), eps=1e-6),
+        lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.99), eps=1e-6))
 
 
 @pytest.mark.parametrize("make_rule,make_torch", [
@@ -282,18 +290,8 @@ def test_eps_root_zero_matches_torch_optim_adam(make_rule):
      lambda ps: torch.optim.Adagrad(ps, lr=0.1, eps=1e-10)),
 ], ids=["rmsprop", "adagrad"])
 def test_eps_root_zero_keeps_rmsprop_and_adagrad(make_rule, make_torch):
-    params, loss = make_problem()
-    leaves, spec = tree_flatten(params)
-    torch_params = [p.clone().requires_grad_() for p in leaves]
-    optimizer = make_torch(torch_params)
-    explicit, default = run(make_rule(0.0), params, loss, 10), run(make_rule(0), params, loss, 10)
-    for (p, _), (p_default, _) in zip(explicit, default):
-        optimizer.zero_grad()
-        loss(tree_unflatten(torch_params, spec)).backward()
-        optimizer.step()
-        for x, y, z in zip(tree_leaves(p), tree_leaves(p_default), torch_params, strict=True):
-            assert torch.equal(x, y)
-            torch.testing.assert_close(x, z.detach(), rtol=1e-10, atol=1e-12)
+    """eps_root=0.0 and eps_root=0 give the same steps bit for bit, and match torch.optim."""
+    assert_equal_and_matches_torch_optim(make_rule(0.0), make_rule(0), make_torch)
 
 
 # ------------------------------------------------------------------- eps_root > 0: the formula

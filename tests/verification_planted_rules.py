@@ -21,6 +21,10 @@ Bugs in what the rule does with a right h_t (only the autodiff-HD oracle catches
 - ``late_update``:     step t applies α_{t-1} and updates α after the step (reports α_t)
 - ``per_tensor_drift``: a "global" rate whose tensors drift apart: tensor j applies α + o_j with
                         hidden offsets o_j ← o_j - β(h_j - h/L) (Σ o_j = 0), one step late
+
+``law="multiplicative"`` adapts α by the paper's Eq. 8 instead,
+α_t = α_{t-1} (1 - β h_t / (‖g_t‖ ‖d_{t-1}‖)), and ``rate_law`` is what the rule declares to
+the oracle (``None``: nothing, so the paper's additive law is assumed).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from hdfunc import HDConfig
 from hdfunc.tree import (PyTree, first_leaf, tree_flatten, tree_leaves, tree_map, tree_unflatten,
                          tree_zeros_like)
 
@@ -62,6 +67,8 @@ class PlantedRule(NamedTuple):
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+    law: str = "additive"
+    rate_law: Optional[HDConfig] = None
 
     def init(self, params: PyTree) -> PlantedState:
         leaf = first_leaf(params)
@@ -123,6 +130,12 @@ class PlantedRule(NamedTuple):
         elif bug == "scaled_law":
             size = sum(g.numel() for g in tree_leaves(grads))
             lr = state.lr - state.hypergrad_lr * hypergrad / size
+        elif self.law == "multiplicative":
+            norms_sq = _dot(grads, grads) * _dot(previous_direction, previous_direction)
+            positive = norms_sq > 0
+            norms = torch.where(positive, norms_sq, 1).sqrt()
+            lr = torch.where(positive, state.lr * (1 - state.hypergrad_lr * hypergrad / norms),
+                             state.lr)
         else:
             lr = state.lr - state.hypergrad_lr * hypergrad
         applied = state.lr if bug in ("previous_rate", "late_update") else lr
@@ -140,15 +153,17 @@ class PlantedRule(NamedTuple):
                                      mu, nu, offsets)
 
 
-def planted(base: str, bug: Optional[str]) -> Any:
-    """A factory ``(lr, hypergrad_lr) -> rule`` for ``base`` with ``bug`` planted."""
+def planted(base: str, bug: Optional[str], **options: Any) -> Any:
+    """A factory ``(lr, hypergrad_lr) -> rule`` for ``base`` with ``bug`` planted; ``options``
+    are further :class:`PlantedRule` fields (``eps``, ``law``, ``rate_law``)."""
     if bug is not None and bug not in BUGS:
         raise ValueError(f"unknown bug {bug!r}")
 
     def factory(lr: float, hypergrad_lr: float) -> PlantedRule:
-        return PlantedRule(base, bug, lr, hypergrad_lr)
+        return PlantedRule(base, bug, lr, hypergrad_lr, **options)
 
-    factory.__name__ = f"{base}_hd_{bug or 'correct'}"
+    suffix = "".join(f"_{k}_{v}" for k, v in options.items() if k != "rate_law")
+    factory.__name__ = f"{base}_hd_{bug or 'correct'}{suffix}"
     return factory
 
 

@@ -569,13 +569,15 @@ def check_unrolled(case: Case, steps: int, start: int = 2) -> list[Outcome]:
         if sensitivity <= ILL_CONDITIONED[dtype] or k <= shortest:
             break
         k = max(k // 2, shortest)
-    note = _conditioning_note(steps, k, first_sensitivity)
-    where = f"seed {case.seed}, K={k}, {note}"
     if sensitivity > ILL_CONDITIONED[dtype]:
-        return [inconclusive(case, UNROLLED, "reverse vs forward", where,
+        halved = f", halved from K={steps}" if k != steps else ""
+        return [inconclusive(case, UNROLLED, "reverse vs forward",
+                             f"seed {case.seed}, K={k}{halved}",
                              f"the unroll is ill-conditioned down to K={k}: rounding-sized noise "
                              f"moves dL_K/dalpha by {sensitivity:.1e} relative, so no comparison "
                              "can tell a wrong derivative from rounding")]
+    note = _conditioning_note(steps, k, first_sensitivity)
+    where = f"seed {case.seed}, K={k}, {note}"
     L = unrolled_loss(case.rule, case.problem.loss, params, state, k, objective)
     reverse = grad(L)(rate)
     along = tree_dot(reverse, w)

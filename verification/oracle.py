@@ -221,8 +221,10 @@ class Past:
 
 
 @dataclass
-class Problemlet:
-    """The rule and the functions it is run on."""
+class OracleProblem:
+    """Everything the oracle needs about one rule run on one problem: the rule, the loss it
+    is fed gradients of, the objective its hypergradients differentiate, its declared rate
+    law, and the tree structure of its rates; with the rule's step at a frozen rate."""
 
     rule: Any
     loss: Callable[[PyTree], torch.Tensor]  # what the rule is fed the gradient of
@@ -240,7 +242,7 @@ class Problemlet:
             leaves, self.rate_spec)
 
 
-def exact_hypergradient(pb: Problemlet, past: Past) -> tuple[list, list]:
+def exact_hypergradient(pb: OracleProblem, past: Past) -> tuple[list, list]:
     """h_t = d/dγ f(θ_{t-2} + u_{t-1}(γ)) at γ_{t-1} (reverse mode), and ∇_γ u_{t-1} along a
     unit tangent per rate entry (forward mode): -d_{t-1}, params-shaped."""
     def moved(rate: PyTree) -> PyTree:
@@ -252,7 +254,7 @@ def exact_hypergradient(pb: Problemlet, past: Past) -> tuple[list, list]:
     return tree_leaves(h), tree_leaves(dtheta)
 
 
-def exact_hyper_hypergradient(pb: Problemlet, past: Past) -> tuple[torch.Tensor, list]:
+def exact_hyper_hypergradient(pb: OracleProblem, past: Past) -> tuple[torch.Tensor, list]:
     """∂f(θ_{t-1})/∂β with the one-step freezing (§5.2): the derivative through α_{t-1}(β) =
     law(α_{t-2}, β, h_{t-1}) and γ_{t-1}(α_{t-1}) of f after step t-1; with the vectors
     ∂f/∂α_{t-1} and ∂α_{t-1}/∂β that the normalised β rule uses."""
@@ -353,7 +355,7 @@ def run_oracle(rule: Any, loss: Callable, objective: Callable, hist: list,
     law = declared_law(rule, state0)
     dtype = tree_leaves(params0)[0].dtype
     tol = TOLERANCES[torch.float64 if dtype == torch.float64 else torch.float32]
-    pb = Problemlet(rule, loss, objective, law, tree_flatten(node0.lr)[1])
+    pb = OracleProblem(rule, loss, objective, law, tree_flatten(node0.lr)[1])
     higher = law.hyper_hypergrad_lr is not None
     records = {part: PartRecord(tol[part]) for part in PARTS
                if higher or part not in (HYPER_HYPERGRAD, BETA)}
@@ -458,7 +460,7 @@ def trajectory_sensitivity(rule: Any, loss: Callable, hist: list) -> float:
     return worst
 
 
-def free_run(pb: Problemlet, params: PyTree, state: Any, steps: int) -> list:
+def free_run(pb: OracleProblem, params: PyTree, state: Any, steps: int) -> list:
     """The oracle's own trajectory: ``out[t] = (θ_t, α_t, γ_t, β_t)`` (rates as leaf lists)."""
     law = pb.law
     node = _node(state)

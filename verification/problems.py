@@ -134,25 +134,56 @@ def logistic(seed: int = 0, dtype: torch.dtype = torch.float64, device: Any = "c
                    description=f"logistic regression, {samples}×{features}, L2 {l2:g}", seed=seed)
 
 
-def mlp(seed: int = 0, dtype: torch.dtype = torch.float64, device: Any = "cpu", *,
-        samples: int = 32, features: int = 5, hidden: int = 8, classes: int = 3) -> Problem:
-    """A one-hidden-layer tanh MLP with softmax cross-entropy; nested-dict params
-    {"hidden": {"weight", "bias"}, "output": {"weight", "bias"}} (smooth, non-convex)."""
+def _mlp(seed: int, dtype: torch.dtype, device: Any, *,
+         activation: Callable[[torch.Tensor], torch.Tensor], samples: int, features: int,
+         hidden: int, classes: int, dead: int = 0,
+         bias_first: bool = False) -> tuple[PyTree, Callable[[PyTree], torch.Tensor]]:
+    """The params and loss of a one-hidden-layer MLP with softmax cross-entropy on synthetic
+    data: nested-dict params {"hidden": {"weight", "bias"}, "output": {"weight", "bias"}}.
+
+    The last ``dead`` hidden units get bias -50 (negative pre-activation on every sample).
+    ``bias_first`` draws the hidden bias before the hidden weight rather than after it: each
+    problem keeps its own historical draw order, so a seed gives the same problem as ever.
+    """
     gen = torch.Generator().manual_seed(seed)
     x = _randn(gen, samples, features, dtype=dtype, device=device)
     labels = torch.randint(0, classes, (samples,), generator=gen).to(device)
+
+    def draw_weight() -> torch.Tensor:
+        return _randn(gen, hidden, features, dtype=dtype, device=device) / math.sqrt(features)
+
+    def draw_bias() -> torch.Tensor:
+        return 0.1 * _randn(gen, hidden, dtype=dtype, device=device)
+
+    if bias_first:
+        bias = draw_bias()
+        weight = draw_weight()
+    else:
+        weight = draw_weight()
+        bias = draw_bias()
+    if dead:
+        bias = torch.cat([bias[:hidden - dead],
+                          torch.full((dead,), -50.0, dtype=dtype, device=device)])
     params = {
-        "hidden": {"weight": _randn(gen, hidden, features, dtype=dtype, device=device) / math.sqrt(features),
-                   "bias": 0.1 * _randn(gen, hidden, dtype=dtype, device=device)},
+        "hidden": {"weight": weight, "bias": bias},
         "output": {"weight": _randn(gen, classes, hidden, dtype=dtype, device=device) / math.sqrt(hidden),
                    "bias": torch.zeros(classes, dtype=dtype, device=device)},
     }
 
     def loss(p: PyTree) -> torch.Tensor:
-        h = torch.tanh(x @ p["hidden"]["weight"].T + p["hidden"]["bias"])
+        h = activation(x @ p["hidden"]["weight"].T + p["hidden"]["bias"])
         logits = h @ p["output"]["weight"].T + p["output"]["bias"]
         return torch.nn.functional.cross_entropy(logits, labels)
 
+    return params, loss
+
+
+def mlp(seed: int = 0, dtype: torch.dtype = torch.float64, device: Any = "cpu", *,
+        samples: int = 32, features: int = 5, hidden: int = 8, classes: int = 3) -> Problem:
+    """A one-hidden-layer tanh MLP with softmax cross-entropy; nested-dict params
+    {"hidden": {"weight", "bias"}, "output": {"weight", "bias"}} (smooth, non-convex)."""
+    params, loss = _mlp(seed, dtype, device, activation=torch.tanh, samples=samples,
+                        features=features, hidden=hidden, classes=classes)
     return Problem("mlp", params, loss, estimate_smoothness(loss, params, seed=seed),
                    description=f"tanh MLP {features}-{hidden}-{classes}, {samples} samples", seed=seed)
 
@@ -168,23 +199,9 @@ def relu_mlp(seed: int = 0, dtype: torch.dtype = torch.float64, device: Any = "c
     differences."""
     if not 0 <= dead < hidden:
         raise ValueError(f"dead must lie in [0, hidden), got {dead}")
-    gen = torch.Generator().manual_seed(seed)
-    x = _randn(gen, samples, features, dtype=dtype, device=device)
-    labels = torch.randint(0, classes, (samples,), generator=gen).to(device)
-    bias = 0.1 * _randn(gen, hidden, dtype=dtype, device=device)
-    bias = torch.cat([bias[:hidden - dead], torch.full((dead,), -50.0, dtype=dtype, device=device)])
-    params = {
-        "hidden": {"weight": _randn(gen, hidden, features, dtype=dtype, device=device) / math.sqrt(features),
-                   "bias": bias},
-        "output": {"weight": _randn(gen, classes, hidden, dtype=dtype, device=device) / math.sqrt(hidden),
-                   "bias": torch.zeros(classes, dtype=dtype, device=device)},
-    }
-
-    def loss(p: PyTree) -> torch.Tensor:
-        h = torch.relu(x @ p["hidden"]["weight"].T + p["hidden"]["bias"])
-        logits = h @ p["output"]["weight"].T + p["output"]["bias"]
-        return torch.nn.functional.cross_entropy(logits, labels)
-
+    params, loss = _mlp(seed, dtype, device, activation=torch.relu, samples=samples,
+                        features=features, hidden=hidden, classes=classes, dead=dead,
+                        bias_first=True)
     return Problem("relu_mlp", params, loss, estimate_smoothness(loss, params, seed=seed),
                    description=f"ReLU MLP {features}-{hidden}-{classes} with {dead} dead units, "
                                f"{samples} samples", seed=seed, smooth=False, exact_zeros=True)

@@ -258,11 +258,12 @@ class Report:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Report":
         """The report that :meth:`to_dict` (``--json``) wrote, e.g. to re-render its Markdown."""
-        def number(x: Any) -> float:
-            return math.inf if x is None else x
-        outcomes = [Outcome(**{k: number(v) if k in ("max_abs_err", "max_rel_err") else v
+        numbers = ("max_abs_err", "max_rel_err", "tolerance")
+        outcomes = [Outcome(**{k: _number(v, math.inf) if k in numbers else v
                                for k, v in o.items()}) for o in data.get("outcomes", [])]
-        findings = [Finding(**{k: math.nan if v is None else v for k, v in f.items()})
+        ratios = ("sign_agreement", "cosine", "magnitude_ratio")
+        findings = [Finding(**{k: _number(v, math.nan) if k in ratios else v
+                               for k, v in f.items()})
                     for f in data.get("findings", [])]
         return cls(outcomes, findings, dict(data.get("meta", {})), bool(data.get("interrupted")))
 
@@ -353,8 +354,19 @@ def _cell(value: Any) -> str:
 
 
 def _jsonable(record: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+    """Strict JSON has no inf or nan: a non-finite float is written as the string "inf",
+    "-inf" or "nan" (read back by :func:`_number`), so an undecided (nan) error stays apart
+    from an infinite one."""
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in record.items()}
+
+
+def _number(value: Any, missing: float) -> Any:
+    """A number :func:`_jsonable` wrote; ``missing`` for None (reports written before
+    non-finite numbers were kept as strings)."""
+    if value is None:
+        return missing
+    return float(value) if isinstance(value, str) else value
 
 
 def environment() -> dict[str, str]:
