@@ -10,14 +10,17 @@ No function here mutates its inputs, so rules compose with ``torch.func.grad``, 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, TypeVar
 
 import torch
 
-from hdfunc.tree import PyTree, tree_flatten, tree_map, tree_structure
+from hdfunc.tree import (PyTree, leaf_path, tree_flatten, tree_flatten_with_path, tree_map,
+                         tree_structure)
 
 InitFn = Callable[[PyTree], PyTree]
 UpdateFn = Callable[[PyTree, PyTree, PyTree], "tuple[PyTree, PyTree]"]
@@ -88,8 +91,32 @@ def chain(*transforms: Transform, name: str = "chain") -> Transform:
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
-    """θ_t = θ_{t-1} + u_t, leaf by leaf, keeping each param's dtype. Returns new tensors."""
+    """θ_t = θ_{t-1} + u_t, leaf by leaf, keeping each param's dtype. Returns new tensors.
+
+    ``updates`` must have the tree structure and the shapes of ``params`` (checked, naming the
+    leaf, except while ``torch.compile`` traces; under ``vmap`` the per-example shapes)."""
+    if not torch.compiler.is_compiling():
+        check_updates(updates, params)
     return tree_map(lambda p, u: p + u.to(p.dtype), params, updates)
+
+
+def check_updates(updates: PyTree, params: PyTree) -> None:
+    """Updates must have the structure of params (dict keys in any order) and, leaf by leaf,
+    the shape of the param: no broadcasting (a (1,) update would move every entry of a (3,)
+    param)."""
+    keyed, spec = tree_flatten_with_path(params)
+    try:
+        flat_updates = spec.flatten_up_to(updates)
+    except (ValueError, TypeError, KeyError):
+        raise ValueError("updates and params have different tree structures:\n"
+                         f"  updates: {_describe(tree_structure(updates))}\n"
+                         f"  params:  {_describe(spec)}") from None
+    for (path, p), u in zip(keyed, flat_updates):
+        if not isinstance(u, torch.Tensor):
+            raise TypeError(f"update at {leaf_path(path)} is a {type(u).__name__}, not a tensor")
+        if u.shape != p.shape:
+            raise ValueError(f"update shape {tuple(u.shape)} != param shape {tuple(p.shape)} at "
+                             f"{leaf_path(path)}")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -97,19 +124,76 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
 
 def check_hyperparameter(name: str, value: Any, *, low: float = 0.0, high: float = math.inf,
                          high_inclusive: bool = True) -> None:
-    """Reject a hyperparameter that is not a real number / 0-d float tensor in [low, high]."""
+    """Reject a hyperparameter that is not a finite real number in [low, high] (or [low, high)),
+    or a 0-d float tensor. A tensor's value is not read: it may be traced by grad/vmap/compile,
+    and reading it would synchronise with the device (a non-finite tensor rate is caught at run
+    time by the rate update's non-finite guard)."""
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or not value.is_floating_point():
             raise TypeError(f"{name} must be a Python float or a 0-d floating tensor, "
                             f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
-        return  # the value of a tensor is not read: it may be traced by grad/vmap/compile
+        return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number or a 0-d tensor, got {type(value).__name__}")
     value = float(value)
+    closing = "]" if high_inclusive and math.isfinite(high) else ")"
+    interval = f"[{low}, {high}{closing}"
+    if math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value} (allowed: {interval})")
     too_high = value > high if high_inclusive else value >= high
     if math.isnan(value) or value < low or too_high:
-        bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"{name} must lie in [{low}, {high}{bracket}, got {value}")
+        raise ValueError(f"{name} must lie in {interval}, got {value}")
+
+
+def check_lr_bounds(lr_bounds: Any) -> tuple[Optional[float], Optional[float]]:
+    """``lr_bounds`` as (low, high): None, or a pair of None-or-finite real numbers with
+    low <= high (Python numbers: they are static choices of the rule, not traced values)."""
+    if lr_bounds is None:
+        return None, None
+    if not isinstance(lr_bounds, (tuple, list)) or len(lr_bounds) != 2:
+        raise TypeError(f"lr_bounds must be None or a pair (low, high) of None or real numbers, "
+                        f"got {lr_bounds!r}")
+    bounds = []
+    for i, bound in enumerate(lr_bounds):
+        if bound is None:
+            bounds.append(None)
+            continue
+        if isinstance(bound, bool) or not isinstance(bound, numbers.Real):
+            raise TypeError(f"lr_bounds[{i}] must be None or a real number, got "
+                            f"{type(bound).__name__}")
+        if not math.isfinite(bound):
+            raise ValueError(f"lr_bounds[{i}] must be finite (None for no bound), got {bound}")
+        bounds.append(float(bound))
+    low, high = bounds
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"lr_bounds must have low <= high, got {tuple(lr_bounds)}")
+    return low, high
+
+
+Factory = TypeVar("Factory", bound=Callable[..., Any])
+_building = threading.local()  # whether a rule factory is already running in this thread
+
+
+def rule_factory(factory: Factory) -> Factory:
+    """Prefix the ValueError/TypeError of a bad argument with the rule's name
+    (``"adam_hd: lr must be finite, got inf"``): the name of the outermost rule factory called,
+    so ``adamw_hd`` (built by ``adam_hd``) names itself."""
+
+    @functools.wraps(factory)
+    def build(*args: Any, **kwargs: Any) -> Any:
+        if getattr(_building, "active", False):
+            return factory(*args, **kwargs)
+        _building.active = True
+        try:
+            return factory(*args, **kwargs)
+        except (ValueError, TypeError) as error:
+            if error.args and isinstance(error.args[0], str):
+                error.args = (f"{factory.__name__}: {error.args[0]}",) + error.args[1:]
+            raise
+        finally:
+            _building.active = False
+
+    return build  # type: ignore[return-value]
 
 
 def _describe(spec: Any) -> str:

@@ -3,17 +3,24 @@
 Every rule in hdfunc is "base direction d_t; u_t = -α_t d_t" (ALGORITHMS.md, "The general
 form"). The transforms here produce d_t; :mod:`hdfunc.hypergradient` scales it by a fixed or an
 adapted learning rate. Each is pure and reads its hyperparameters from its closure.
+
+Precision: the directions that divide by a root of a second moment (Adam, RMSprop, Adagrad) keep
+their moments and compute d_t in the accumulation dtype, at least float32 (the arithmetic of
+torch's fused kernels). In float16 the default ε = 1e-8 rounds to 0 and (1-β2) g² underflows
+for |g| < 8e-3, so the same formula evaluated in float16 gives 0/0 or m/0: NaN or inf steps
+(torch.optim.Adam's for-loop and foreach kernels do exactly that). float32 and float64 params
+keep their arithmetic bit for bit. d_t is then float32 for float16/bfloat16 params; the step
+-α d_t is rounded to the param's dtype once, by the learning-rate transform.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from hdfunc.base import EmptyState, Transform, check_hyperparameter
-from hdfunc.tree import PyTree, first_leaf, tree_map, tree_zeros_like
+from hdfunc.tree import PyTree, first_leaf, tree_accumulator_zeros, tree_map, tree_zeros_like
 
 DIFFERENTIABLE_EPS_ROOT = 1e-16
 """The ``eps_root`` to pass to ``adam``/``adam_hd``/``adamw``/``adamw_hd``/``scale_by_adam``/
@@ -31,8 +38,6 @@ any v̂ larger than ~1e-9)."""
 def check_eps_root(eps_root: float | torch.Tensor) -> None:
     """``eps_root`` must be a finite real number >= 0 (or a 0-d float tensor, not inspected)."""
     check_hyperparameter("eps_root", eps_root)
-    if not isinstance(eps_root, torch.Tensor) and math.isinf(float(eps_root)):
-        raise ValueError(f"eps_root must be finite, got {eps_root}")
 
 
 def _shifts(eps_root: float | torch.Tensor) -> bool:
@@ -116,6 +121,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
 
     ``previous_output`` recomputes d_{t-1} from (t-1, m_{t-1}, v_{t-1}) with the bias corrections
     of step t-1 and the same formula, so Adam-HD stores no extra buffer (d_0 = 0).
+
+    m, v and d are in the accumulation dtype (float32 for float16/bfloat16 params; see the
+    module's note on precision), so ε = 1e-8 is not rounded to 0 and d_0 = 0/(0 + ε) = 0.
     """
     check_hyperparameter("betas[0]", b1, high=1.0, high_inclusive=False)
     check_hyperparameter("betas[1]", b2, high=1.0, high_inclusive=False)
@@ -125,7 +133,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
 
     def init(params: PyTree) -> AdamState:
         count = params_count(params)
-        return AdamState(count, tree_zeros_like(params), tree_zeros_like(params))
+        return AdamState(count, tree_accumulator_zeros(params), tree_accumulator_zeros(params))
 
     def direction(count: torch.Tensor, mu: PyTree, nu: PyTree) -> PyTree:
         # count == 0 only before the first step, where m = v = 0 and the direction is 0.
@@ -146,8 +154,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
         return tree_map(leaf, mu, nu)
 
     def update(g: PyTree, state: AdamState, params: PyTree) -> tuple[PyTree, AdamState]:
-        mu = tree_map(lambda m, gi: b1 * m + (1 - b1) * gi, state.mu, g)
-        nu = tree_map(lambda v, gi: b2 * v + (1 - b2) * gi * gi, state.nu, g)
+        mu = tree_map(lambda m, gi: b1 * m + (1 - b1) * gi.to(m.dtype), state.mu, g)
+        nu = tree_map(lambda v, gi: b2 * v + (1 - b2) * gi.to(v.dtype) * gi.to(v.dtype),
+                      state.nu, g)
         count = state.count + 1
         return direction(count, mu, nu), AdamState(count, mu, nu)
 
@@ -170,7 +179,7 @@ class RMSState(NamedTuple):
 
 def scale_by_rms(decay: float = 0.99, eps: float = 1e-8, *, eps_root: float = 0.0) -> Transform:
     """RMSprop's direction (as torch.optim.RMSprop): v_t = ρ v_{t-1} + (1-ρ) g_t²;
-    d_t = g_t / (√(v_t + ε_root) + ε).
+    d_t = g_t / (√(v_t + ε_root) + ε), with v and d in the accumulation dtype (as Adam's).
 
     ``eps_root`` = 0 (default) keeps the arithmetic above bit for bit; pass
     :data:`DIFFERENTIABLE_EPS_ROOT` to differentiate through training (√v at v = 0 has an infinite
@@ -181,15 +190,17 @@ def scale_by_rms(decay: float = 0.99, eps: float = 1e-8, *, eps_root: float = 0.
     root = _root(eps_root)
 
     def update(g: PyTree, state: RMSState, params: PyTree) -> tuple[PyTree, RMSState]:
-        nu = tree_map(lambda v, gi: decay * v + (1 - decay) * gi * gi, state.nu, g)
-        return tree_map(lambda gi, v: gi / (root(v) + eps), g, nu), RMSState(nu)
+        nu = tree_map(lambda v, gi: decay * v + (1 - decay) * gi.to(v.dtype) * gi.to(v.dtype),
+                      state.nu, g)
+        return tree_map(lambda gi, v: gi.to(v.dtype) / (root(v) + eps), g, nu), RMSState(nu)
 
-    return Transform(lambda params: RMSState(tree_zeros_like(params)), update, "scale_by_rms")
+    return Transform(lambda params: RMSState(tree_accumulator_zeros(params)), update,
+                     "scale_by_rms")
 
 
 def scale_by_adagrad(eps: float = 1e-10, *, eps_root: float = 0.0) -> Transform:
     """Adagrad's direction (as torch.optim.Adagrad): s_t = s_{t-1} + g_t²;
-    d_t = g_t / (√(s_t + ε_root) + ε).
+    d_t = g_t / (√(s_t + ε_root) + ε), with s and d in the accumulation dtype (as Adam's).
 
     ``eps_root`` = 0 (default) keeps the arithmetic above bit for bit; pass
     :data:`DIFFERENTIABLE_EPS_ROOT` to differentiate through training (see
@@ -199,10 +210,11 @@ def scale_by_adagrad(eps: float = 1e-10, *, eps_root: float = 0.0) -> Transform:
     root = _root(eps_root)
 
     def update(g: PyTree, state: RMSState, params: PyTree) -> tuple[PyTree, RMSState]:
-        total = tree_map(lambda s, gi: s + gi * gi, state.nu, g)
-        return tree_map(lambda gi, s: gi / (root(s) + eps), g, total), RMSState(total)
+        total = tree_map(lambda s, gi: s + gi.to(s.dtype) * gi.to(s.dtype), state.nu, g)
+        return tree_map(lambda gi, s: gi.to(s.dtype) / (root(s) + eps), g, total), RMSState(total)
 
-    return Transform(lambda params: RMSState(tree_zeros_like(params)), update, "scale_by_adagrad")
+    return Transform(lambda params: RMSState(tree_accumulator_zeros(params)), update,
+                     "scale_by_adagrad")
 
 
 class LionState(NamedTuple):

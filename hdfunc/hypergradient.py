@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal, NamedTuple, Optional
 
 import torch
 
-from hdfunc.base import Transform, check_hyperparameter
+from hdfunc.base import Transform, check_hyperparameter, check_lr_bounds
 from hdfunc.tree import (PyTree, accumulation_dtype, first_leaf, leaf_vdot, tree_flatten,
                          tree_leaves, tree_map, tree_unflatten, tree_zeros_like)
 
@@ -59,13 +59,18 @@ class HDState(NamedTuple):
     final_lr: PyTree  # α_∞ (transition variant) or ABSENT
     lr_sensitivity: PyTree  # ∂α_{t-1}/∂β (higher-order variant) or ABSENT
     hyper_hypergrad: PyTree  # ∂f(θ_{t-1})/∂β used by the last step, or ABSENT
-    skipped: torch.Tensor  # steps whose rate update was skipped for a non-finite hypergradient
+    skipped: torch.Tensor  # steps whose rate update the non-finite guard skipped (h_t, α_t or β_t)
 
 
-def as_rate(value: float | torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A 0-d tensor on ``like``'s device; a tensor input keeps its autograd history."""
+def as_rate(value: float | torch.Tensor, like: torch.Tensor, dtype: torch.dtype,
+            name: str = "lr") -> torch.Tensor:
+    """A 0-d tensor on ``like``'s device; a tensor input keeps its autograd history. A Python
+    number too large for ``dtype`` (1e39 in float32) is refused: it would be inf."""
     if isinstance(value, torch.Tensor):
         return value.to(device=like.device, dtype=dtype)
+    if abs(float(value)) > torch.finfo(dtype).max:
+        raise ValueError(f"{name}={value} overflows the {dtype} rates of these params (rates "
+                         "are float32 for float32/float16/bfloat16 params, float64 for float64)")
     return like.new_full((), float(value), dtype=dtype)
 
 
@@ -78,14 +83,15 @@ def scale_by_lr(lr: float | torch.Tensor) -> Transform:
         return LRState(as_rate(lr, first_leaf(params), accumulation_dtype(params)))
 
     def update(d: PyTree, state: LRState, params: PyTree) -> tuple[PyTree, LRState]:
-        return tree_map(lambda di: scaled_step(state.lr, di), d), state
+        return tree_map(lambda di, p: scaled_step(state.lr, di, p.dtype), d, params), state
 
     return Transform(init, update, "scale_by_lr")
 
 
-def scaled_step(rate: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """u = -rate ⊙ d in d's dtype (a 0-d rate in float32 keeps bfloat16 steps in bfloat16)."""
-    return (-(rate * direction)).to(direction.dtype)
+def scaled_step(rate: torch.Tensor, direction: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """u = -rate ⊙ d, computed in the dtype of rate ⊙ d (at least float32) and rounded once to
+    the param's ``dtype``."""
+    return (-(rate * direction)).to(dtype)
 
 
 def hypergradient(
@@ -122,8 +128,15 @@ def hypergradient(
     -(g_t·g_{t-1})(g_{t-1}·g_{t-2}). The multiplicative mode adapts β by the same normalised rule.
 
     Guards: ``lr_bounds=(low, high)`` clamps α after each update (default: none, as in the
-    paper, so α may turn negative); ``skip_nonfinite`` keeps α (and β) where the hypergradient
-    is not finite and counts such steps in ``state.skipped``.
+    paper, so α may turn negative; each bound None or a finite number); ``skip_nonfinite`` keeps
+    α where h_t or the new α is not finite (and β where ∂f/∂β or the new β is not finite) and
+    counts such steps in ``state.skipped``.
+
+    Checked here: Python-number rates (α_0, β, α_∞, κ) are finite and >= 0, and ``lr_bounds``.
+    Checked at ``init``: a Python-number α_0, β or α_∞ fits the rates' dtype. Tensor rates are
+    not read (that would synchronise with the device, and they may be traced by vmap/grad): the
+    non-finite guard catches them at run time. h_t, d_{t-1} and the rates are computed in at
+    least float32 whatever the params' dtype.
 
     α, β and α_∞ are read from the state, never from this closure, so one update function
     serves a grid of (α_0, β) made by stacking states built with different values.
@@ -140,9 +153,7 @@ def hypergradient(
         raise TypeError("transition must be a callable δ(t) on a float tensor t")
     if hyper_hypergrad_lr is not None:
         check_hyperparameter("hyper_hypergrad_lr", hyper_hypergrad_lr)
-    low, high = lr_bounds if lr_bounds is not None else (None, None)
-    if low is not None and high is not None and low > high:
-        raise ValueError(f"lr_bounds must have low <= high, got {lr_bounds}")
+    low, high = check_lr_bounds(lr_bounds)
     per_leaf = lr_granularity != "global"
     recompute = direction.previous_output
 
@@ -151,28 +162,29 @@ def hypergradient(
             return [torch.promote_types(p.dtype, torch.float32) for p in tree_leaves(params)]
         return [accumulation_dtype(params)]
 
-    def make_rates(value: float | torch.Tensor, params: PyTree) -> PyTree:
+    def make_rates(value: float | torch.Tensor, params: PyTree, name: str) -> PyTree:
         leaves, spec = tree_flatten(params)
         dtypes = rate_dtypes(params)
         if lr_granularity == "global":
-            return as_rate(value, leaves[0], dtypes[0])
+            return as_rate(value, leaves[0], dtypes[0], name)
         if lr_granularity == "tensor":
-            return tree_unflatten([as_rate(value, p, dt) for p, dt in zip(leaves, dtypes)], spec)
-        return tree_unflatten([as_rate(value, p, dt) * p.new_ones(p.shape, dtype=dt)
+            return tree_unflatten([as_rate(value, p, dt, name) for p, dt in zip(leaves, dtypes)],
+                                  spec)
+        return tree_unflatten([as_rate(value, p, dt, name) * p.new_ones(p.shape, dtype=dt)
                                for p, dt in zip(leaves, dtypes)], spec)
 
     def init(params: PyTree) -> HDState:
         leaf = first_leaf(params)
-        rates = make_rates(lr, params)
+        rates = make_rates(lr, params, "lr")
         return HDState(
             count=leaf.new_zeros((), dtype=torch.int64),
             lr=rates,
-            hypergrad_lr=as_rate(hypergrad_lr, leaf, accumulation_dtype(params)),
+            hypergrad_lr=as_rate(hypergrad_lr, leaf, accumulation_dtype(params), "hypergrad_lr"),
             applied_lr=rates,
             hypergrad=tree_zeros_like(rates),
             direction=ABSENT if recompute is not None else tree_zeros_like(params),
             base=direction.init(params),
-            final_lr=ABSENT if final_lr is None else make_rates(final_lr, params),
+            final_lr=ABSENT if final_lr is None else make_rates(final_lr, params, "final_lr"),
             lr_sensitivity=ABSENT if hyper_hypergrad_lr is None else tree_zeros_like(rates),
             hyper_hypergrad=ABSENT if hyper_hypergrad_lr is None else leaf.new_zeros(
                 (), dtype=accumulation_dtype(params)),
@@ -193,10 +205,11 @@ def hypergradient(
     def update(g: PyTree, state: HDState, params: PyTree) -> tuple[PyTree, HDState]:
         g_leaves, spec = tree_flatten(g)
         dtypes = rate_dtypes(params)
+        # d_{t-1}; a recomputed one (Adam) is evaluated in the accumulation dtype by the base
         d_prev = state.direction if recompute is None else recompute(state.base)
         d_prev_leaves = tree_leaves(d_prev)
 
-        # h_t = -g_t · d_{t-1}, at the rates' granularity
+        # h_t = -g_t · d_{t-1}, at the rates' granularity, in at least float32
         hypergrad = [-x for x in products(g_leaves, d_prev_leaves, dtypes)]
         if mode == "multiplicative":
             grad_sq = products(g_leaves, g_leaves, dtypes)
@@ -209,10 +222,11 @@ def hypergradient(
         d, base_state = direction.update(g, state.base, params)
         d_leaves = tree_leaves(d)
         applied = rates_step.applied_lr
+        param_dtypes = [p.dtype for p in tree_leaves(params)]
         if per_leaf:
-            steps = [scaled_step(r, x) for r, x in zip(applied, d_leaves)]
+            steps = [scaled_step(r, x, dt) for r, x, dt in zip(applied, d_leaves, param_dtypes)]
         else:
-            steps = [scaled_step(applied[0], x) for x in d_leaves]
+            steps = [scaled_step(applied[0], x, dt) for x, dt in zip(d_leaves, param_dtypes)]
 
         def rates(leaves: list) -> PyTree:
             return tree_unflatten(leaves, spec) if per_leaf else leaves[0]
@@ -224,7 +238,10 @@ def hypergradient(
             hypergrad_lr=rates_step.hypergrad_lr,
             applied_lr=new_lr_tree if final_lr is None else rates(applied),
             hypergrad=rates(hypergrad),
-            direction=ABSENT if recompute is not None else d,
+            # stored in each param's dtype, as made by init (d_t may be float32 for float16
+            # params), so the state keeps its dtypes from step to step
+            direction=ABSENT if recompute is not None else tree_map(
+                lambda x, p: x.to(p.dtype), d, params),
             base=base_state,
             final_lr=state.final_lr,
             lr_sensitivity=(ABSENT if rates_step.lr_sensitivity is None
@@ -283,11 +300,15 @@ def adapt_rates(config: HDConfig, state: HDState, hypergrad: list,
     ‖g_t‖² and ‖d_{t-1}‖²) as lists of rate leaves: β_t, α_t, γ_t. The single implementation of
     the HD rate update, shared by the functional rules and :mod:`hdfunc.optim`.
 
-    ``state`` supplies count (t-1), lr, hypergrad_lr, final_lr, lr_sensitivity and skipped."""
+    ``state`` supplies count (t-1), lr, hypergrad_lr, final_lr, lr_sensitivity and skipped.
+
+    The non-finite guard (``config.skip_nonfinite``) keeps α where h_t or the new α is not
+    finite (β h_t may overflow), before the bounds (so an overflow is not clamped away), and β
+    where ∂f/∂β or the new β is not finite; ``skipped`` counts the steps where it did either."""
     lr_leaves = tree_leaves(state.lr)
     beta = state.hypergrad_lr
-    finite = [torch.isfinite(x) for x in hypergrad]
     kappa = config.hyper_hypergrad_lr
+    beta_kept = torch.zeros((), dtype=torch.bool, device=beta.device)
 
     # Higher order: β_t from ∂f(θ_{t-1})/∂β (before α_t, which uses β_t).
     hyper_hypergrad = state.hyper_hypergrad
@@ -305,8 +326,10 @@ def adapt_rates(config: HDConfig, state: HDState, hypergrad: list,
             norm_b = sum((b.to(beta.dtype) ** 2).sum() for b in dlr_dbeta)
             new_beta = beta * _multiplicative_factor([kappa], [hyper_hypergrad], [norm_a],
                                                      [norm_b])[0]
+        beta_ok = torch.isfinite(hyper_hypergrad) & torch.isfinite(new_beta)
+        beta_kept = ~beta_ok
         if config.skip_nonfinite:
-            new_beta = torch.where(torch.isfinite(hyper_hypergrad), new_beta, beta)
+            new_beta = torch.where(beta_ok, new_beta, beta)
         beta = new_beta
 
     # α_t from α_{t-1} and h_t.
@@ -322,13 +345,15 @@ def adapt_rates(config: HDConfig, state: HDState, hypergrad: list,
         if kappa is not None:
             unit = _multiplicative_factor([1.0] * len(lr_leaves), hypergrad, grad_sq, direction_sq)
             sensitivity = [a * (u - 1) for a, u in zip(lr_leaves, unit)]
+    finite = [torch.isfinite(h) & torch.isfinite(a) for h, a in zip(hypergrad, new_lr)]
     if config.lr_low is not None or config.lr_high is not None:
         new_lr = [torch.clamp(a, min=config.lr_low, max=config.lr_high) for a in new_lr]
     if config.skip_nonfinite:
         new_lr = [torch.where(ok, a_new, a) for ok, a_new, a in zip(finite, new_lr, lr_leaves)]
         if sensitivity is not None:
             sensitivity = [torch.where(ok, s, 0) for ok, s in zip(finite, sensitivity)]
-    skipped = state.skipped + sum((~ok).any().to(torch.int64) for ok in finite)
+    lr_kept = torch.stack([(~ok).any() for ok in finite]).any()
+    skipped = state.skipped + (lr_kept | beta_kept).to(torch.int64)
 
     # γ_t, the rate the step applies (§5.1).
     if config.has_final_lr:

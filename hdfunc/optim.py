@@ -17,13 +17,21 @@ One source of truth, split in two halves (docs/optim.md, "Design"):
 
 What this module adds is only h_t = -g_t · d_{t-1}: one dot product per step over the stored
 direction (SGD-HD, SGDN-HD: one extra buffer) or over d_{t-1} recomputed from Adam's moments with
-the bias corrections of step t-1 (Adam-HD, AdamW-HD, heavy-ball SGD-HD: no extra buffer). The
-tests prove each trajectory equal to the functional rule (:func:`hdfunc.adam_hd`, ...).
+the bias corrections of step t-1 (Adam-HD, AdamW-HD, heavy-ball SGD-HD: no extra buffer), in
+float32 or wider whatever the parameter dtype. The tests prove each trajectory equal to the
+functional rule (:func:`hdfunc.adam_hd`, ...).
+
+Options are validated at construction and, for values written into ``param_groups`` later, at
+the next step; ``load_state_dict`` checks which optimizer wrote a state and takes over the state
+of the torch.optim optimizer a class extends (``MIGRATES_FROM``); ``to_torch_state_dict`` hands
+the adapted rate back to it (docs/optim.md).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from typing import Any, Callable, Iterable, Literal, Optional
 
 import torch
@@ -32,8 +40,10 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam as torch_adam
 from torch.optim.sgd import sgd as torch_sgd
 
-from hdfunc.directions import identity, nesterov as nesterov_direction, scale_by_adam
-from hdfunc.hypergradient import HDConfig, HDState, adapt_rates, hypergradient, inverse_square
+from hdfunc.base import check_hyperparameter
+from hdfunc.directions import identity
+from hdfunc.hypergradient import (MODES, HDConfig, HDState, adapt_rates, hypergradient,
+                                  inverse_square)
 from hdfunc.tree import leaf_vdot
 
 __all__ = ["AdamHD", "AdamWHD", "HDOptimizer", "SGDHD", "SGDNHD"]
@@ -43,6 +53,19 @@ SchedulerComposition = Literal["scale", "reset"]
 SCOPES = ("global", "group")
 SCRATCH_BYTES = 1024 * 1024  # the CPU hypergradient pass streams through buffers of this size
 SCHEDULER_COMPOSITIONS = ("scale", "reset")
+LOW_PRECISION = (torch.float16, torch.bfloat16)  # the hypergradient pass works in float32 for these
+STREAMED_DTYPES = LOW_PRECISION + (torch.float32, torch.float64)
+
+# The per-group HD options (the rest of a group is the base optimizer's), and the HD rate state.
+HD_GROUP_KEYS = ("hypergrad_lr", "mode", "final_lr", "hyper_hypergrad_lr", "lr_bounds",
+                 "skip_nonfinite")
+HD_STATE_KEYS = ("count", "lr", "hypergrad_lr", "applied_lr", "hypergrad", "final_lr",
+                 "lr_sensitivity", "hyper_hypergrad", "skipped", "scheduled_lr",
+                 "scheduled_hypergrad_lr")
+TORCH_ONLY_GROUP_KEYS = ("amsgrad", "capturable", "differentiable")
+# the torch.optim optimizer whose running state each HD kind takes over (load_state_dict)
+MIGRATES_FROM = {"AdamHD": "torch.optim.Adam", "AdamWHD": "torch.optim.AdamW",
+                 "SGDHD": "torch.optim.SGD", "SGDNHD": "torch.optim.SGD(nesterov=True)"}
 
 try:  # the dtype torch.optim uses for state["step"]
     from torch.optim.optimizer import _get_scalar_dtype
@@ -75,6 +98,139 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
                torch.float32, torch.float64) for p in params)
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float16/bfloat16, else ``dtype``: the precision of the hypergradient pass."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _underflow_bound(dtype: torch.dtype) -> float:
+    """The largest value that rounds to 0 in ``dtype`` (half its smallest subnormal).
+
+    Adam's second moment is stored in the parameter dtype; in float16, v = (1-β2) g² underflows
+    to 0 for |g| below ~8e-3 while m does not, and torch's fused kernel stepped with the
+    unrounded v. The direction d_{t-1} = m̂/(√v̂+ε) recomputed with v = 0 would be m/ε (~1e5
+    for ε = 1e-8); with v at this bound it is the smallest direction consistent with the stored
+    state, and elements with m = v = 0 still give 0."""
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps / 2
+
+
+# ----------------------------------------------------------------------------- validation
+# Each check takes (name, value, group) and raises TypeError/ValueError naming ``name``.
+
+
+def _check_finite(name: str, value: Any, group: Optional[dict] = None, *, low: float = 0.0,
+                 high: float = math.inf, high_inclusive: bool = True) -> None:
+    """A finite Python real number in [low, high]: the core's check, plus finiteness (an
+    optimizer's options are plain numbers; inf gives NaN parameters or α two steps later)."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python number for an HD optimizer, got a Tensor")
+    check_hyperparameter(name, value, low=low, high=high, high_inclusive=high_inclusive)
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def _check_lr(name: str, value: Any, group: Optional[dict] = None) -> None:
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python float for an HD optimizer (the adapted rate is "
+                        "kept as a tensor in the optimizer's state); got a Tensor")
+    _check_finite(name, value)
+
+
+def _check_optional_rate(name: str, value: Any, group: Optional[dict] = None) -> None:
+    if value is not None:
+        _check_finite(name, value)
+
+
+def _check_bounds(name: str, value: Any, group: Optional[dict] = None) -> None:
+    """None, or a pair (low, high) of finite numbers or None (no bound), with low <= high."""
+    if value is None:
+        return
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be None or a pair (low, high), got {value!r}")
+    for which, bound in zip(("low", "high"), value):
+        if bound is None:
+            continue
+        if isinstance(bound, bool) or not isinstance(bound, numbers.Real):
+            raise TypeError(f"{name}: the {which} bound must be a real number or None, got "
+                            f"{bound!r}")
+        if not math.isfinite(bound):
+            raise ValueError(f"{name}: the {which} bound must be finite (None for no bound), "
+                             f"got {bound}")
+    low, high = value
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"{name} must have low <= high, got {tuple(value)}")
+
+
+def _check_mode(name: str, value: Any, group: Optional[dict] = None) -> None:
+    if value not in MODES:
+        raise ValueError(f"{name} must be one of {MODES}, got {value!r}")
+
+
+def _check_flag(name: str, value: Any, group: Optional[dict] = None) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_callable(name: str, value: Any, group: Optional[dict] = None) -> None:
+    if not callable(value):
+        raise TypeError(f"{name} must be a callable δ(t) on a float tensor t, got {value!r}")
+
+
+def _check_fraction(name: str, value: Any, group: Optional[dict] = None) -> None:
+    """A finite number in [0, 1) (β1, β2, momentum)."""
+    _check_finite(name, value, high=1.0, high_inclusive=False)
+
+
+def _check_betas(name: str, value: Any, group: Optional[dict] = None) -> None:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be a pair (beta1, beta2), got {value!r}")
+    for i, beta in enumerate(value):
+        _check_fraction(f"{name}[{i}]", beta)
+
+
+def _check_dampening(name: str, value: Any, group: Optional[dict] = None) -> None:
+    _check_finite(name, value, high=1.0)
+
+
+def _check_nesterov(name: str, value: Any, group: Optional[dict] = None) -> None:
+    _check_flag(name, value)
+    if value and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError(f"{name}=True needs momentum > 0 and dampening = 0")
+
+
+HD_OPTION_CHECKS: dict[str, Callable[[str, Any, Optional[dict]], None]] = {
+    "lr": _check_lr, "hypergrad_lr": _check_finite, "final_lr": _check_optional_rate,
+    "hyper_hypergrad_lr": _check_optional_rate, "lr_bounds": _check_bounds, "mode": _check_mode,
+    "transition": _check_callable, "skip_nonfinite": _check_flag, "weight_decay": _check_finite,
+    "maximize": _check_flag}
+
+
+def _writer(group: dict) -> str:
+    """Which optimizer wrote a saved param group (told from its keys): an HD kind (AdamHD,
+    AdamWHD, SGDHD, SGDNHD), a torch.optim class, or a description of an unknown one."""
+    if "hd_state" in group or any(key in group for key in HD_GROUP_KEYS):
+        if "betas" in group:
+            return "AdamWHD" if group.get("decoupled_weight_decay") else "AdamHD"
+        if "momentum" in group:
+            return "SGDNHD" if group.get("nesterov") else "SGDHD"
+        return "an unknown HD optimizer"
+    if "betas" in group and "amsgrad" in group:
+        return "torch.optim.AdamW" if group.get("decoupled_weight_decay") else "torch.optim.Adam"
+    if {"momentum", "dampening", "nesterov"} <= group.keys():
+        return "torch.optim.SGD(nesterov=True)" if group["nesterov"] else "torch.optim.SGD"
+    keys = set(group) - {"params", "initial_lr"}  # (initial_lr: added by lr schedulers)
+    for name in sorted(vars(torch.optim)):
+        candidate = getattr(torch.optim, name)
+        if isinstance(candidate, type) and issubclass(candidate, Optimizer):
+            try:
+                if set(candidate([torch.nn.Parameter(torch.zeros(1))]).defaults) == keys:
+                    return f"torch.optim.{name}"
+            except Exception:  # an optimizer that needs other arguments: not this one
+                continue
+    return f"an unknown optimizer (param group keys {sorted(map(str, keys))})"
+
+
 class HDOptimizer(Optimizer):
     """Shared machinery of the HD optimizers: per-group rate state, the hypergradient reduction
     (across groups and, with ``process_group``, across ranks) and the call to
@@ -100,10 +256,6 @@ class HDOptimizer(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            raise TypeError("lr must be a Python float for an HD optimizer (the adapted rate is "
-                            "kept as a tensor in the optimizer's state); got a Tensor")
         for p in group["params"]:
             if _is_dtensor(p):
                 raise TypeError(
@@ -115,12 +267,29 @@ class HDOptimizer(Optimizer):
                 raise TypeError("complex parameters are not supported by the HD optimizers")
             if p.is_sparse:
                 raise TypeError("sparse parameters are not supported by the HD optimizers")
-        # The core validates every HD option (names the bad one in its error).
-        hypergradient(identity(), lr, group["hypergrad_lr"], mode=group["mode"],
+        self._check_group(group)
+        # The core validates every HD option as the functional rules do.
+        hypergradient(identity(), group["lr"], group["hypergrad_lr"], mode=group["mode"],
                       final_lr=group["final_lr"], transition=group["transition"],
                       hyper_hypergrad_lr=group["hyper_hypergrad_lr"],
                       lr_bounds=group["lr_bounds"], skip_nonfinite=group["skip_nonfinite"])
         self._resolve_kernel(group)
+
+    def _option_checks(self) -> dict[str, Callable[[str, Any, Optional[dict]], None]]:
+        """key -> check of a param group's value (the HD options and the base optimizer's)."""
+        return HD_OPTION_CHECKS
+
+    def _check_group(self, group: dict, where: Optional[str] = None) -> None:
+        """Every option of ``group`` is valid. ``where`` (e.g. "param_groups[1]") prefixes the
+        error with the group and key, for values written into a group after construction."""
+        for key, check in self._option_checks().items():
+            value = group.get(key)
+            try:
+                check(key, value, group)
+            except (TypeError, ValueError) as error:
+                if where is None:
+                    raise
+                raise type(error)(f"{where}[{key!r}] = {value!r} is invalid: {error}") from None
 
     def _resolve_kernel(self, group: dict) -> None:
         """``fused``/``foreach`` → booleans stored in the group (torch.optim's convention)."""
@@ -242,6 +411,9 @@ class HDOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not torch.compiler.is_compiling():  # (a compiled step is guarded on these values)
+            for i, group in enumerate(self.param_groups):  # values set by hand since the last step
+                self._check_group(group, where=f"param_groups[{i}]")
         prepared = [self._prepare(group) for group in self.param_groups]
         states = [self._rate_state(group) for group in self.param_groups]
         terms = [self._hypergrad_terms(group, lists, hd)
@@ -261,7 +433,66 @@ class HDOptimizer(Optimizer):
             self._adapt(group, hd, table[i, 0], table[i, 1], table[i, 2])
             if lists["params"]:
                 self._base_step(group, lists, hd)
+        self._report_skipped_steps(states, prepared)
         return loss
+
+    def _report_skipped_steps(self, states: list[dict], prepared: list[dict]) -> None:
+        """Warn once (RuntimeWarning) when some step's h_t or new α was not finite: how many steps and
+        the likely cause. Reading the counter syncs an accelerator, so off the CPU it is read
+        at steps 1, 2, 4, 8, ... only; not under torch.compile (hd_stats() always has it)."""
+        if getattr(self, "_skipped_steps_reported", False) or torch.compiler.is_compiling():
+            return
+        self._eager_steps = getattr(self, "_eager_steps", 0) + 1
+        if (states[0]["skipped"].device.type != "cpu"
+                and self._eager_steps & (self._eager_steps - 1)):
+            return
+        skipped = [int(hd["skipped"]) for hd in states]
+        if not any(skipped):
+            return
+        self._skipped_steps_reported = True
+        i = next(i for i, count in enumerate(skipped) if count)
+        group = self.param_groups[i]
+        outcome = ("left α unchanged" if group["skip_nonfinite"]
+                   else "made α non-finite (skip_nonfinite=False)")
+        warnings.warn(
+            f"{_writer(group)}: {skipped[i]} of {int(states[i]['count'])} steps so far {outcome} "
+            f"(param group {i}) because the hypergradient h_t = -g_t·d_(t-1) or the new rate "
+            f"alpha_t - beta h_t was not finite. "
+            f"Likely cause: {self._skip_cause(prepared)}. The count is in "
+            f"hd_stats()[{i}]['skipped']; this warning is shown once.", RuntimeWarning,
+            stacklevel=5)
+
+    def _skip_cause(self, prepared: list[dict]) -> str:
+        def finite(tensors: Iterable) -> bool:
+            return all(bool(torch.isfinite(t).all()) for t in tensors
+                       if isinstance(t, torch.Tensor))
+
+        params_finite = all(finite(lists["params"]) for lists in prepared)
+        hint = self._low_precision_hint()
+        if hint is not None and not params_finite:
+            return hint
+        if not all(finite(lists["grads"]) for lists in prepared):
+            return ("non-finite gradients (an overflow in the loss or the activations; in "
+                    "float16, torch.amp.GradScaler skips such steps before the optimizer sees "
+                    "them)")
+        if not params_finite:
+            return "non-finite parameters (the steps diverged: rate or gradients too large)"
+        if not all(finite(self.state[p].values()) for lists in prepared
+                   for p in lists["params"]):
+            return "non-finite optimizer state (moments, momentum or stored direction)"
+        return ("an overflow of the dot products g·d or of beta h_t (gradients or steps of "
+                "enormous magnitude, or a hypergrad_lr too large)")
+
+    def _low_precision_hint(self) -> Optional[str]:
+        """A cause specific to the base optimizer's kernel in low precision, if any."""
+        return None
+
+    @staticmethod
+    def _streamed(tensors: list[torch.Tensor]) -> bool:
+        """Whether the hypergradient pass streams through the CPU scratch buffers (eager mode,
+        CPU tensors of a floating dtype) rather than one vector expression per tensor."""
+        return not torch.compiler.is_compiling() and all(
+            t.device.type == "cpu" and t.dtype in STREAMED_DTYPES for t in tensors)
 
     def _rate_for_kernel(self, group: dict, hd: dict) -> float | torch.Tensor:
         """γ_t for torch's kernel: a tensor for fused kernels (no device sync), else a float."""
@@ -271,8 +502,10 @@ class HDOptimizer(Optimizer):
 
     @staticmethod
     def _effective_grad(group: dict, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """g_t as the HD rule sees it: maximize negates, coupled weight decay adds λθ_{t-1}."""
-        g = grad.neg() if group["maximize"] else grad
+        """g_t as the HD rule sees it: maximize negates, coupled weight decay adds λθ_{t-1};
+        float32 at least (float16/bfloat16 gradients are converted)."""
+        g = grad.to(_accumulation_dtype(grad.dtype))
+        g = g.neg() if group["maximize"] else g
         if group["weight_decay"] != 0 and not group.get("decoupled_weight_decay", False):
             g = g.add(p, alpha=group["weight_decay"])
         return g
@@ -319,13 +552,17 @@ class HDOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        saved_groups = state_dict.get("param_groups", [])
-        if len(saved_groups) == len(self.param_groups):
-            state_dict = dict(state_dict)
-            state_dict["param_groups"] = [
-                {"transition": group["transition"], **saved}
-                for group, saved in zip(self.param_groups, saved_groups)]
-        super().load_state_dict(state_dict)  # torch checks the group sizes and raises otherwise
+        """torch's ``load_state_dict``, after checking up front that each group was written by
+        this kind of HD optimizer (AdamHD, AdamWHD, SGDHD or SGDNHD), with complete HD state,
+        valid values and per-parameter state of the parameters' shapes; a wrong state dict
+        raises a ValueError naming the optimizer that wrote it, before anything changes.
+
+        A state of the torch.optim optimizer this class extends (``MIGRATES_FROM``: Adam for
+        AdamHD, AdamW for AdamWHD, SGD for SGDHD, SGD with Nesterov momentum for SGDNHD) is
+        taken over: its base options, moments, momentum buffers and step counts, with α starting
+        from its ``lr``; the HD options and kernel are this optimizer's (docs/optim.md,
+        "Switching a running optimizer to HD")."""
+        super().load_state_dict(self._checked_state_dict(state_dict))
         for group in self.param_groups:
             hd = group.get("hd_state")
             if hd is None:
@@ -335,19 +572,139 @@ class HDOptimizer(Optimizer):
                 if isinstance(value, torch.Tensor):
                     hd[key] = value.to(device)
 
-    def _scratch_pair(self, like: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two work buffers per device and dtype of SCRATCH_BYTES each, or of ``needed``
-        elements if fewer (not optimizer state: never saved)."""
+    def _checked_state_dict(self, state_dict: Any) -> dict:
+        """``state_dict`` checked (and, from a torch.optim optimizer, migrated) group by group,
+        ready for torch's ``load_state_dict``."""
+        if (not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict)
+                or not isinstance(state_dict.get("param_groups"), list)):
+            raise ValueError("not an optimizer state dict: expected a dict with 'state' (a dict) "
+                             "and 'param_groups' (a list)")
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the state dict has {len(saved_groups)} param groups, this "
+                             f"optimizer {len(self.param_groups)}")
+        suggestion = {source: kind for kind, source in MIGRATES_FROM.items()}
+        groups, state = [], {}
+        for i, (saved, own) in enumerate(zip(saved_groups, self.param_groups)):
+            where = f"state_dict['param_groups'][{i}]"
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+                raise ValueError(f"{where} is not a param group (a dict with a 'params' list)")
+            kind, writer = _writer(own), _writer(saved)
+            migrating = writer == MIGRATES_FROM.get(kind)
+            if writer != kind and not migrating:
+                target = writer if writer in MIGRATES_FROM else suggestion.get(writer)
+                raise ValueError(
+                    f"{where} was written by {writer}; {kind} cannot load it ({kind} loads the "
+                    f"states of {kind} and takes over those of {MIGRATES_FROM.get(kind)})"
+                    + (f": load it into {target}" if target else ""))
+            group = (self._migrated_group(saved, own, where) if migrating
+                     else self._checked_hd_group(saved, own, where))
+            if len(group["params"]) != len(own["params"]):
+                raise ValueError(f"{where} has {len(group['params'])} parameters, param group {i} "
+                                 f"of this optimizer {len(own['params'])}")
+            self._check_group(group, where=where)
+            required, allowed = self._state_keys()
+            for index, p in zip(group["params"], own["params"]):
+                entry = {key: value for key, value in saved_state.get(index, {}).items()
+                         if value is not None}  # torch.optim.SGD may save momentum_buffer=None
+                if not entry:
+                    continue
+                if set(entry) - allowed or required - set(entry):
+                    raise ValueError(
+                        f"the state of parameter {index} ({where}) has the keys {sorted(entry)}, "
+                        f"but {kind} keeps {sorted(allowed)}" + (
+                            f" (all of {sorted(required)})" if required else ""))
+                for key, value in entry.items():
+                    if key != "step" and isinstance(value, torch.Tensor) and value.shape != p.shape:
+                        raise ValueError(
+                            f"state_dict['state'][{index}][{key!r}] has shape "
+                            f"{tuple(value.shape)}, but the parameter it loads into ({where}) "
+                            f"has shape {tuple(p.shape)}: a state dict of another model?")
+                if migrating and isinstance(entry.get("step"), torch.Tensor):
+                    # as torch.optim keeps it without capturable/fused; torch's load moves it to
+                    # the parameter's device for a fused group
+                    entry["step"] = entry["step"].to("cpu", _get_scalar_dtype())
+                state[index] = entry
+            groups.append(group)
+        return {**state_dict, "state": state, "param_groups": groups}
+
+    @staticmethod
+    def _checked_hd_group(saved: dict, own: dict, where: str) -> dict:
+        """A saved HD group with every HD option and a complete rate state; ``transition``
+        (code, not saved) comes from this optimizer."""
+        missing = [key for key in HD_GROUP_KEYS if key not in saved]
+        if missing:
+            raise ValueError(f"{where} lacks the HD options {missing} (a damaged or hand-edited "
+                             "state dict?)")
+        hd = saved.get("hd_state")
+        if hd is not None:
+            missing = [key for key in HD_STATE_KEYS if not isinstance(hd, dict) or key not in hd]
+            if missing:
+                raise ValueError(f"{where}['hd_state'] lacks {missing} (a damaged or "
+                                 "hand-edited state dict?)")
+        return {"transition": own["transition"], **saved}
+
+    @staticmethod
+    def _migrated_group(saved: dict, own: dict, where: str) -> dict:
+        """A torch.optim group as an HD group: its base options (lr, betas, momentum, ...),
+        this optimizer's HD options and kernel, no rate state (α starts from lr)."""
+        if saved.get("amsgrad"):
+            raise ValueError(f"{where} was written with amsgrad=True, which the HD optimizers "
+                             "do not offer")
+        group = {key: value for key, value in saved.items()
+                 if key not in TORCH_ONLY_GROUP_KEYS + ("foreach", "fused")}
+        if isinstance(group.get("lr"), torch.Tensor):
+            group["lr"] = group["lr"].item()
+        for key in HD_GROUP_KEYS + ("transition", "foreach", "fused"):
+            group[key] = own[key]
+        for key, value in own.items():  # e.g. decoupled_weight_decay from an older torch
+            if key != "hd_state":
+                group.setdefault(key, value)
+        return group
+
+    def to_torch_state_dict(self) -> dict:
+        """This optimizer's state as its torch.optim base optimizer (``MIGRATES_FROM``) saves
+        it, with each group's ``lr`` the rate HD reached (γ_t: α_t, or its blend with α_∞ under
+        ``final_lr``): ``torch.optim.Adam(...).load_state_dict(adam_hd.to_torch_state_dict())``
+        continues as AdamHD with hypergrad_lr=0 would. (Loading ``state_dict()`` itself into
+        torch's optimizer keeps the scheduled ``lr``, not the adapted α: torch cannot tell.)"""
+        saved = self.state_dict()
+        groups = []
+        for group, saved_group in zip(self.param_groups, saved["param_groups"]):
+            torch_class = self._torch_class(group)
+            defaults = torch_class([torch.nn.Parameter(torch.zeros(1))]).defaults
+            out = {**defaults, **{key: value for key, value in saved_group.items()
+                                  if key not in HD_GROUP_KEYS + ("hd_state",)}}
+            hd = group.get("hd_state")
+            out["lr"] = float(hd["applied_lr"]) if hd is not None else float(group["lr"])
+            groups.append(out)
+        state = {index: {key: value for key, value in entry.items() if key != "hd_direction"}
+                 for index, entry in saved["state"].items()}
+        return {"state": {index: entry for index, entry in state.items() if entry},
+                "param_groups": groups}
+
+    def _scratch_pair(self, like: torch.Tensor, needed: int,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two work buffers of ``dtype`` on ``like``'s device of SCRATCH_BYTES each, or of
+        ``needed`` elements if fewer (not optimizer state: never saved)."""
         scratch = getattr(self, "_scratch_buffers", None)
         if scratch is None:
             scratch = self._scratch_buffers = {}
-        key = (like.device, like.dtype)
-        size = max(1, min(SCRATCH_BYTES // like.element_size(), needed))
+        key = (like.device, dtype)
+        size = max(1, min(SCRATCH_BYTES // dtype.itemsize, needed))
         if key not in scratch or scratch[key][0].numel() < size:
-            scratch[key] = (like.new_empty(size), like.new_empty(size))
+            scratch[key] = (like.new_empty(size, dtype=dtype), like.new_empty(size, dtype=dtype))
         return scratch[key]
 
     # ------------------------------------------------------------------ subclass interface
+
+    def _state_keys(self) -> tuple[frozenset, frozenset]:  # pragma: no cover - abstract
+        """(required, allowed) keys of a parameter's non-empty state."""
+        raise NotImplementedError
+
+    def _torch_class(self, group: dict) -> type:  # pragma: no cover - abstract
+        """The torch.optim optimizer whose step this group takes."""
+        raise NotImplementedError
 
     def _prepare(self, group: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -428,14 +785,6 @@ class SGDHD(HDOptimizer):
                  hypergrad_scope: Scope = "global", process_group: Any = None,
                  scheduler_composition: SchedulerComposition = "scale",
                  foreach: Optional[bool] = None, fused: Optional[bool] = None):
-        if momentum != 0.0:
-            nesterov_direction(momentum)  # the core validates μ ∈ [0, 1)
-        if not 0.0 <= dampening <= 1.0:
-            raise ValueError(f"dampening must lie in [0, 1], got {dampening}")
-        if weight_decay < 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
         defaults = self._hd_defaults(lr, hypergrad_lr, mode, final_lr, transition,
                                      hyper_hypergrad_lr, lr_bounds, skip_nonfinite)
         defaults.update(momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -446,10 +795,20 @@ class SGDHD(HDOptimizer):
 
     _tensor_lr_when_compiling = True
 
+    def _option_checks(self) -> dict[str, Callable[[str, Any, Optional[dict]], None]]:
+        return {**HD_OPTION_CHECKS, "momentum": _check_fraction, "dampening": _check_dampening,
+                "nesterov": _check_nesterov}
+
     def _fused_by_default(self, params: list[torch.Tensor]) -> bool:
         # torch's foreach SGD takes a float rate: cheapest on CPU; on CUDA the fused kernel
         # takes the rate as a tensor and so avoids a device sync per step.
         return all(p.device.type == "cuda" for p in params) and _fused_supported(params)
+
+    def _state_keys(self) -> tuple[frozenset, frozenset]:
+        return frozenset(), frozenset({"momentum_buffer", "hd_direction"})
+
+    def _torch_class(self, group: dict) -> type:
+        return torch.optim.SGD
 
     @staticmethod
     def _stores_direction(group: dict) -> bool:
@@ -482,11 +841,10 @@ class SGDHD(HDOptimizer):
         else:
             previous = lists["momentum_buffers"]
         stores = self._stores_direction(group)
-        streamed = not torch.compiler.is_compiling()
         like = hd["lr"]
-        if (stores and streamed and group["weight_decay"] == 0 and not group["maximize"]
-                and all(g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64)
-                        and g.is_contiguous() and d.is_contiguous()
+        if (stores and group["weight_decay"] == 0 and not group["maximize"]
+                and self._streamed(lists["grads"])
+                and all(g.is_contiguous() and d.is_contiguous()
                         for g, d in zip(lists["grads"], previous))):
             # CPU, g = ∇f: g·d_{t-1} (and the norms) and d_t ← g_t in one batched pass
             return [x.to(like.dtype) for x in self._batched_dot_and_copy(
@@ -511,21 +869,23 @@ class SGDHD(HDOptimizer):
                               want_sq: bool) -> list[torch.Tensor]:
         """[Σ g·d, Σ g·g, Σ d·d] in float64 (the norms only if ``want_sq``), then d ← g, in
         batches of SCRATCH_BYTES: a large tensor chunk by chunk while the chunk is in cache
-        (g is read once), small tensors together (one dot product and one copy per batch)."""
+        (g is read once), small tensors together (one dot product and one copy per batch).
+        float16/bfloat16 pieces are converted to float32 in the scratch buffers first."""
         totals: list[list[torch.Tensor]] = [[], [], []]
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, g in enumerate(grads):
             by_dtype.setdefault(g.dtype, []).append(i)
         for dtype, members in by_dtype.items():
+            work_dtype = _accumulation_dtype(dtype)
             buffer, other = self._scratch_pair(grads[members[0]],
-                                               sum(grads[i].numel() for i in members))
+                                               sum(grads[i].numel() for i in members), work_dtype)
             parts: list[list[torch.Tensor]] = [[], [], []]
             g_flat = [grads[i].view(-1) for i in members]
             d_flat = [directions[i].view(-1) for i in members]
             for pieces in _batches([g.numel() for g in g_flat], buffer.numel()):
                 g_views = [g_flat[j][a:b] for j, a, b in pieces]
                 d_views = [d_flat[j][a:b] for j, a, b in pieces]
-                if len(pieces) == 1:
+                if len(pieces) == 1 and dtype == work_dtype:
                     g_all, d_all = g_views[0], d_views[0]
                 else:
                     n = sum(b - a for _, a, b in pieces)
@@ -599,19 +959,39 @@ class AdamHD(HDOptimizer):
                  hypergrad_scope: Scope = "global", process_group: Any = None,
                  scheduler_composition: SchedulerComposition = "scale",
                  foreach: Optional[bool] = None, fused: Optional[bool] = None):
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        scale_by_adam(betas[0], betas[1], eps)  # the core validates betas and eps
-        if weight_decay < 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         defaults = self._hd_defaults(lr, hypergrad_lr, mode, final_lr, transition,
                                      hyper_hypergrad_lr, lr_bounds, skip_nonfinite)
-        defaults.update(betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        defaults.update(betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay,
                         decoupled_weight_decay=self.decoupled_weight_decay, maximize=maximize,
                         foreach=foreach, fused=fused)
         super().__init__(params, defaults, hypergrad_scope=hypergrad_scope,
                          process_group=process_group,
                          scheduler_composition=scheduler_composition)
+
+    def _option_checks(self) -> dict[str, Callable[[str, Any, Optional[dict]], None]]:
+        return {**HD_OPTION_CHECKS, "betas": _check_betas, "eps": _check_finite}
+
+    def _state_keys(self) -> tuple[frozenset, frozenset]:
+        keys = frozenset({"step", "exp_avg", "exp_avg_sq"})
+        return keys, keys
+
+    def _torch_class(self, group: dict) -> type:
+        return torch.optim.AdamW if group["decoupled_weight_decay"] else torch.optim.Adam
+
+    def _low_precision_hint(self) -> Optional[str]:
+        for group in self.param_groups:
+            eps = group["eps"]
+            for p in group["params"]:
+                if (not group["fused"] and p.dtype in LOW_PRECISION
+                        and torch.tensor(eps, dtype=p.dtype).item() == 0 and eps != 0):
+                    return (f"eps={eps} is 0 in {p.dtype}, so torch's foreach/for-loop Adam "
+                            f"kernel, which computes in {p.dtype}, divides by zero where the "
+                            "second moment is 0 or underflows, and the parameters become NaN; "
+                            "use fused=True (it computes in float32), an eps representable in "
+                            f"{p.dtype} (1e-4 is usual for float16), or float32 parameters "
+                            "with torch.autocast")
+        return None
 
     def _prepare(self, group: dict) -> dict:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -652,9 +1032,7 @@ class AdamHD(HDOptimizer):
         weight_decay = group["weight_decay"]
         if decoupled:
             shrink = 1 - hd["applied_lr"].to(torch.float64) * weight_decay
-        streamed = (like.device.type == "cpu" and not torch.compiler.is_compiling()
-                    and all(p.dtype in (torch.float32, torch.float64) for p in lists["params"]))
-        if streamed:
+        if self._streamed(lists["params"]):
             # CPU: the corrections as Python floats (torch.optim.Adam's own arithmetic; steps
             # live on the CPU), then g·d (and d·d) batched through two cache-sized buffers
             corrections = {}
@@ -688,14 +1066,19 @@ class AdamHD(HDOptimizer):
         dots, grad_sq, dir_sq = [], [], []
         for i, (p, grad, m, v) in enumerate(zip(lists["params"], lists["grads"],
                                                 lists["exp_avgs"], lists["exp_avg_sqs"])):
+            # at least float32: ε (1e-8) is 0 in float16, where d would be 0/0 or m/0
+            work = _accumulation_dtype(p.dtype)
             g = self._effective_grad(group, p, grad)
             if multiplicative:
                 grad_sq.append(_dot(g, g))
             # m / (√v + ε c2), times c2/c1 below (or here, with decoupled decay)
-            direction = m / (v.sqrt() + eps_scaled[i].to(v.device, v.dtype))
+            v = v.to(work)
+            if p.dtype in LOW_PRECISION:  # a v stored as 0 may have underflowed
+                v = v.clamp(min=_underflow_bound(p.dtype))
+            direction = m.to(work) / (v.sqrt() + eps_scaled[i].to(v.device, work))
             if decoupled:
-                direction = (direction * scale_list[i].to(p.device, p.dtype)
-                             + p * decay[i].to(p.device, p.dtype))
+                direction = (direction * scale_list[i].to(p.device, work)
+                             + p.to(work) * decay[i].to(p.device, work))
             dots.append(_dot(g, direction))
             if multiplicative:
                 dir_sq.append(_dot(direction, direction))
@@ -715,8 +1098,9 @@ class AdamHD(HDOptimizer):
                             scales: list[float], decays: list[float], decoupled: bool,
                             want_sq: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Σ g·d_{t-1} (and Σ d·d) over the group on the CPU, in float64, with d_{t-1} made
-        piece by piece in a cache-sized scratch buffer: g, m, v (and θ) are read once from
-        memory, no tensor-sized temporary is made, and many small tensors share one batch (a few
+        piece by piece in a cache-sized scratch buffer (float32 for float16/bfloat16 tensors,
+        so ε never underflows): g, m, v (and θ) are read once from memory, no tensor-sized
+        temporary is made, and many small tensors share one batch (a few
         vector ops per 256k elements instead of per tensor). Tensors are grouped by step count,
         so each batch has one ε·c2, scale c2/c1 and decay; the non-decoupled scale multiplies
         the batch's dot in float64 (as the functional rule's per-tensor dot products)."""
@@ -727,8 +1111,10 @@ class AdamHD(HDOptimizer):
                 by_key.setdefault((p.dtype, scales[i], eps_scaled[i], decays[i]), []).append(i)
         dots, squares = [], []
         for (dtype, scale, eps, decay), members in by_key.items():
+            work_dtype = _accumulation_dtype(dtype)
             buffer, other = self._scratch_pair(
-                lists["params"][members[0]], sum(lists["params"][i].numel() for i in members))
+                lists["params"][members[0]], sum(lists["params"][i].numel() for i in members),
+                work_dtype)
             capacity = buffer.numel()
             batch_dots, batch_squares = [], []
             names = ["grads", "exp_avgs", "exp_avg_sqs"] + (
@@ -740,13 +1126,18 @@ class AdamHD(HDOptimizer):
                 d, x = buffer[:n], other[:n]
 
                 def load(name: str) -> torch.Tensor:
-                    """The batch's elements of lists[name]: a view (one piece) or copied to x."""
-                    if len(pieces) == 1:
+                    """The batch's elements of lists[name]: a view (one piece in the work
+                    dtype) or copied (converted) to x."""
+                    if len(pieces) == 1 and dtype == work_dtype:
                         j, a, b = pieces[0]
                         return flat[name][j][a:b]
                     return torch.cat([flat[name][j][a:b] for j, a, b in pieces], out=x)
 
-                torch.sqrt(load("exp_avg_sqs"), out=d)
+                if dtype in LOW_PRECISION:  # a v stored as 0 may have underflowed
+                    torch.clamp(load("exp_avg_sqs"), min=_underflow_bound(dtype), out=d)
+                    d.sqrt_()
+                else:
+                    torch.sqrt(load("exp_avg_sqs"), out=d)
                 d.add_(eps)
                 torch.div(load("exp_avgs"), d, out=d)  # m / (√v + ε c2)
                 if decoupled:

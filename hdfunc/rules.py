@@ -3,7 +3,8 @@
     base rule = [coupled L2] → base direction [→ decoupled decay] → u = -α d
     HD rule   = [coupled L2] → hypergradient(base direction [→ decoupled decay])
 
-so an HD rule with ``hypergrad_lr=0`` computes exactly its base rule's updates.
+so an HD rule with ``hypergrad_lr=0`` computes exactly its base rule's updates. A bad argument
+raises a ValueError/TypeError prefixed with the rule's name ("adam_hd: lr must be finite ...").
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from hdfunc.base import Rule, Transform, chain, validated
+from hdfunc.base import Rule, Transform, chain, rule_factory, validated
 from hdfunc.directions import (add_decayed_weights, add_l2, identity, nesterov, scale_by_adam)
 from hdfunc.hypergradient import hypergradient, scale_by_lr
 
@@ -23,6 +24,7 @@ def _has_decay(weight_decay: Number) -> bool:
     return isinstance(weight_decay, torch.Tensor) or float(weight_decay) != 0.0
 
 
+@rule_factory
 def base_rule(direction: Transform, lr: Number, *, weight_decay: Number = 0.0,
               decoupled_weight_decay: bool = False, name: str | None = None,
               hyperparams: dict | None = None) -> Rule:
@@ -33,6 +35,7 @@ def base_rule(direction: Transform, lr: Number, *, weight_decay: Number = 0.0,
                      hyperparams=hyperparams or {"lr": lr, "weight_decay": weight_decay})
 
 
+@rule_factory
 def hd_rule(direction: Transform, lr: Number, hypergrad_lr: Number, *,
             weight_decay: Number = 0.0, decoupled_weight_decay: bool = False,
             name: str | None = None, hyperparams: dict | None = None, **hd_options: Any) -> Rule:
@@ -67,6 +70,7 @@ def _betas(betas: tuple[float, float]) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- SGD
 
 
+@rule_factory
 def sgd(lr: Number, weight_decay: Number = 0.0, *, decoupled_weight_decay: bool = False) -> Rule:
     """SGD: u_t = -α g_t (Algorithm 1 without HD; torch.optim.SGD)."""
     return base_rule(identity(), lr, weight_decay=weight_decay,
@@ -74,6 +78,7 @@ def sgd(lr: Number, weight_decay: Number = 0.0, *, decoupled_weight_decay: bool 
                      hyperparams={"lr": lr, "weight_decay": weight_decay})
 
 
+@rule_factory
 def sgd_hd(lr: Number, hypergrad_lr: Number, weight_decay: Number = 0.0, *,
            decoupled_weight_decay: bool = False, **hd_options: Any) -> Rule:
     """SGD-HD (Algorithm 1; Eqs. 2-4): h_t = -g_t·g_{t-1}; α_t = α_{t-1} - β h_t; u_t = -α_t g_t."""
@@ -84,6 +89,7 @@ def sgd_hd(lr: Number, hypergrad_lr: Number, weight_decay: Number = 0.0, *,
 # ----------------------------------------------------------------------------- SGD + Nesterov
 
 
+@rule_factory
 def sgdn(lr: Number, momentum: Number = 0.9, weight_decay: Number = 0.0, *,
          decoupled_weight_decay: bool = False) -> Rule:
     """SGD with Nesterov momentum: v_t = μ v_{t-1} + g_t; u_t = -α (g_t + μ v_t)
@@ -93,6 +99,7 @@ def sgdn(lr: Number, momentum: Number = 0.9, weight_decay: Number = 0.0, *,
                      hyperparams={"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
 
 
+@rule_factory
 def sgdn_hd(lr: Number, hypergrad_lr: Number, momentum: Number = 0.9,
             weight_decay: Number = 0.0, *, decoupled_weight_decay: bool = False,
             **hd_options: Any) -> Rule:
@@ -107,6 +114,7 @@ def sgdn_hd(lr: Number, hypergrad_lr: Number, momentum: Number = 0.9,
 # ----------------------------------------------------------------------------- Adam
 
 
+@rule_factory
 def adam(lr: Number, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
          weight_decay: Number = 0.0, *, decoupled_weight_decay: bool = False,
          eps_root: float = 0.0) -> Rule:
@@ -124,6 +132,7 @@ def adam(lr: Number, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-
                                   "weight_decay": weight_decay, "eps_root": eps_root})
 
 
+@rule_factory
 def adam_hd(lr: Number, hypergrad_lr: Number, betas: tuple[float, float] = (0.9, 0.999),
             eps: float = 1e-8, weight_decay: Number = 0.0, *,
             decoupled_weight_decay: bool = False, eps_root: float = 0.0,
@@ -148,6 +157,7 @@ def adam_hd(lr: Number, hypergrad_lr: Number, betas: tuple[float, float] = (0.9,
                    **hd_options)
 
 
+@rule_factory
 def adamw(lr: Number, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
           weight_decay: Number = 1e-2, *, eps_root: float = 0.0) -> Rule:
     """AdamW (torch.optim.AdamW): Adam with decoupled weight decay (``eps_root`` as in
@@ -155,6 +165,7 @@ def adamw(lr: Number, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e
     return adam(lr, betas, eps, weight_decay, decoupled_weight_decay=True, eps_root=eps_root)
 
 
+@rule_factory
 def adamw_hd(lr: Number, hypergrad_lr: Number, betas: tuple[float, float] = (0.9, 0.999),
              eps: float = 1e-8, weight_decay: Number = 1e-2, *, eps_root: float = 0.0,
              **hd_options: Any) -> Rule:

@@ -18,6 +18,7 @@ tree_leaves = pytree.tree_leaves
 tree_flatten = pytree.tree_flatten
 tree_unflatten = pytree.tree_unflatten
 tree_structure = pytree.tree_structure
+tree_flatten_with_path = pytree.tree_flatten_with_path
 
 
 def accumulation_dtype(tree: PyTree) -> torch.dtype:
@@ -26,6 +27,11 @@ def accumulation_dtype(tree: PyTree) -> torch.dtype:
     for leaf in tree_leaves(tree):
         dtype = torch.promote_types(dtype, leaf.dtype)
     return dtype
+
+
+def leaf_accumulation_dtype(leaf: torch.Tensor) -> torch.dtype:
+    """The dtype in which optimizer arithmetic on ``leaf`` is done: at least float32."""
+    return torch.promote_types(leaf.dtype, torch.float32)
 
 
 def first_leaf(tree: PyTree) -> torch.Tensor:
@@ -54,5 +60,22 @@ def tree_sq_norm(a: PyTree, dtype: torch.dtype) -> torch.Tensor:
     return tree_vdot(a, a, dtype)
 
 
+def leaf_path(keys: tuple) -> str:
+    """A readable path to a leaf from the keys of ``tree_flatten_with_path``: ``hidden.weight``,
+    ``out[0]`` (``<root>`` for a tree that is a single tensor)."""
+    text = ""
+    for key in keys:
+        if isinstance(key, pytree.MappingKey) and isinstance(key.key, str):
+            text += f".{key.key}"
+        else:
+            text += str(key)  # [0], ['a b'], .field
+    return text.lstrip(".") or "<root>"
+
+
 def tree_zeros_like(tree: PyTree) -> PyTree:
     return tree_map(torch.zeros_like, tree)
+
+
+def tree_accumulator_zeros(tree: PyTree) -> PyTree:
+    """Zeros like ``tree`` in each leaf's accumulation dtype (float32 for float16/bfloat16)."""
+    return tree_map(lambda x: torch.zeros_like(x, dtype=leaf_accumulation_dtype(x)), tree)

@@ -20,3 +20,15 @@ def test_doc_examples_run(page, capsys):
     for block in blocks:
         exec(compile(block, f"{page}", "exec"), namespace)
     assert PAGES[page] in capsys.readouterr().out
+
+
+def test_every_test_named_in_the_reliability_table_exists():
+    """docs/reliability.md: each row names the test that tries its input again; a renamed or
+    deleted test must take its row with it."""
+    text = (DOCS / "reliability.md").read_text()
+    named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", text)
+    assert len(named) >= 25
+    root = DOCS.parent
+    for path, name in named:
+        source = (root / path).read_text()
+        assert re.search(rf"^def {name}\(", source, flags=re.M), f"{path}::{name} does not exist"

@@ -785,7 +785,13 @@ def check_oracle(case: Case) -> list[Outcome]:
     result = run_oracle(case.rule, case.problem.loss, case.objective, case.hist, case.floor())
     rule, problem, dtype = case.label()
     out = []
+    step_failed = any(r.first_failure is not None for p, r in result.parts.items()
+                      if p != TRAJECTORY)
     for part, record in result.parts.items():
+        hint = HINT[part]
+        if part == TRAJECTORY and step_failed:
+            hint = ("the trajectories part because a step-by-step part above differs from the "
+                    "definition: mend that first")
         where = f"seed {case.seed}, {record.compared} comparisons over t=1..{result.steps}, worst at t={record.worst_step}"
         if record.first_failure is not None:
             where += f", first failure at t={record.first_failure}"
@@ -798,7 +804,7 @@ def check_oracle(case: Case) -> list[Outcome]:
                           "each right up to rounding may part by as much")
         out.append(judged(ORACLE, part, rule, problem, dtype, record.worst_abs,
                           record.worst_scale, record.tolerance, where, WHAT[part],
-                          first_step=record.first_failure, hint=HINT[part],
+                          first_step=record.first_failure, hint=hint,
                           inconclusive_reason=reason))
     return out
 

@@ -150,7 +150,7 @@ def rate_law(law: HDConfig, lr: list, beta: torch.Tensor, hypergrad: list, grad_
              direction_sq: list) -> list:
     """α_t from α_{t-1}, β_t, h_t (and, for Eq. 8, ‖g_t‖², ‖∇_γ u_{t-1}‖²) at the rates'
     granularity: the paper's additive or multiplicative rule, then the bounds; a non-finite
-    h_t leaves α unchanged when the law skips such steps."""
+    h_t or new α (before the bounds) leaves α unchanged when the law skips such steps."""
     out = []
     for a, h, gg, dd in zip(lr, hypergrad, grad_sq, direction_sq):
         b = beta.to(a.dtype)
@@ -159,10 +159,11 @@ def rate_law(law: HDConfig, lr: list, beta: torch.Tensor, hypergrad: list, grad_
         else:
             positive, norms = _sqrt_positive(gg * dd)
             new = torch.where(positive, a * (1 - b * h / norms), a)
+        finite = torch.isfinite(h) & torch.isfinite(new)  # judged before the bounds
         if law.lr_low is not None or law.lr_high is not None:
             new = torch.clamp(new, min=law.lr_low, max=law.lr_high)
         if law.skip_nonfinite:
-            new = torch.where(torch.isfinite(h), new, a)
+            new = torch.where(finite, new, a)
         out.append(new)
     return out
 
@@ -180,7 +181,7 @@ def beta_law(law: HDConfig, beta: torch.Tensor, hyper: torch.Tensor, dloss_dlr: 
         positive, norms = _sqrt_positive(norm_a * norm_b)
         new = torch.where(positive, beta * (1 - kappa * hyper / norms), beta)
     if law.skip_nonfinite:
-        new = torch.where(torch.isfinite(hyper), new, beta)
+        new = torch.where(torch.isfinite(hyper) & torch.isfinite(new), new, beta)
     return new
 
 

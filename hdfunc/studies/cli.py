@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -142,21 +143,47 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     return StudyConfig.from_dict({**base, **overrides, "problem_options": options})
 
 
+def fail(message: Any) -> int:
+    """Print a one-line error (status 2: bad settings, data or files)."""
+    text = " ".join(str(message).split())
+    print(f"hdfunc study: error: {text}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from hdfunc.studies.data import DatasetError
-    try:
-        config = config_from_args(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        parser.error(str(error))
     if args.resume and args.out is None:
         parser.error("--resume needs --out (the folder of the study to continue)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.out is None:
+        parser.error("a distributed study needs --out")
+    try:
+        config = config_from_args(args)
+    except (ValueError, TypeError) as error:
+        return fail(error)
+    except OSError as error:  # the study file: missing, a folder, unreadable
+        return fail(f"cannot read {error.filename or args.config}: {error.strerror or error}")
+    from hdfunc.studies.results import StudyRecoveryWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", StudyRecoveryWarning)
+        show_other = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *rest: Any) -> None:
+            if issubclass(category, StudyRecoveryWarning):  # what --resume repaired: one line
+                print(f"hdfunc study: note: {message}", file=sys.stderr)
+            else:
+                show_other(message, category, *rest)
+
+        warnings.showwarning = show
+        return run(args, config)
+
+
+def run(args: argparse.Namespace, config: StudyConfig) -> int:
+    """Run the study of ``args``; errors end with one line and status 2."""
+    from hdfunc.studies.data import DatasetError
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from hdfunc.studies.distributed import run_distributed
-            if args.out is None:
-                parser.error("a distributed study needs --out")
             results = run_distributed(config, args.out, resume=args.resume,
                                       progress=not args.quiet, plots=not args.no_plots)
         else:
@@ -164,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             results = run_study(config, args.out, resume=args.resume, progress=not args.quiet,
                                 plots=not args.no_plots)
     except (DatasetError, FileExistsError, ValueError, TypeError) as error:
-        print(f"hdfunc study: error: {error}", file=sys.stderr)
-        return 2
+        return fail(error)
+    except OSError as error:  # e.g. the disk filled up: the files written so far are consistent
+        where = f"; continue with --resume --out {args.out}" if args.out else ""
+        return fail(f"{error.filename or 'a file'}: {error.strerror or error}{where}")
     except KeyboardInterrupt:
         where = f"; continue with --resume --out {args.out}" if args.out else ""
         print(f"\nhdfunc study: interrupted{where}", file=sys.stderr)

@@ -13,7 +13,6 @@ advances every run. Runs of one optimizer are split into chunks that fit the dev
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 import hdfunc
 from hdfunc.studies.config import OptimizerSpec, RunKey, StudyConfig
 from hdfunc.studies.problems import Problem, make_problem
+from hdfunc.studies.storage import check_output_folder, load_checkpoint, save_checkpoint
 from hdfunc.tree import tree_leaves, tree_stack
 
 DATA_ORDER_STREAM = 1  # the seed sequence entropy tag of the minibatch order
@@ -250,7 +250,7 @@ class BatchedTrainer:
         losses = torch.empty(runs, total, dtype=self.dtype, device=self.device)
         rates = torch.empty(runs, total, dtype=torch.float64, device=self.device)
         if checkpoint is not None and Path(checkpoint).is_file():
-            saved = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            saved = load_checkpoint(Path(checkpoint), map_location=self.device)
             if tuple(saved["keys"]) != tuple(keys) or saved["total"] != total:
                 raise ValueError(f"checkpoint {checkpoint} belongs to other runs; delete it")
             start, params, state = saved["step"], saved["params"], saved["state"]
@@ -309,13 +309,10 @@ class BatchedTrainer:
     @staticmethod
     def _save(path: str | Path, keys: tuple, total: int, step: int, params: dict, state: Any,
               losses: torch.Tensor, rates: torch.Tensor) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"keys": list(keys), "total": total, "step": step, "params": params,
-                    "state": state, "losses": losses[:, :step].clone(),
-                    "rates": rates[:, :step].clone()}, tmp)
-        os.replace(tmp, path)
+        save_checkpoint(Path(path), {"keys": list(keys), "total": total, "step": step,
+                                     "params": params, "state": state,
+                                     "losses": losses[:, :step].clone(),
+                                     "rates": rates[:, :step].clone()})
 
 
 # ----------------------------------------------------------------------------- whole studies
@@ -338,24 +335,28 @@ def run_study(config: StudyConfig, out_dir: str | Path | None = None, *, resume:
     """Run a whole study; returns :class:`hdfunc.studies.results.StudyResults`.
 
     With ``out_dir`` the per-step CSV and the summary JSON are written there chunk by chunk
-    (atomically), with mid-chunk checkpoints, statistics and plots; ``resume=True`` continues a
-    study that was interrupted there, recomputing nothing that was finished. Without ``out_dir``
-    everything stays in memory.
+    (durably and verifiably), with mid-chunk checkpoints, statistics and plots; ``resume=True``
+    continues a study that was interrupted (or damaged) there: it keeps every finished chunk whose
+    rows are intact, retrains the rest and ends identical to an uninterrupted study, or refuses
+    before training (:class:`~hdfunc.studies.storage.StudyError`, no file changed). Without
+    ``out_dir`` everything stays in memory.
     """
     from hdfunc.studies.results import MemoryCollector, StudyWriter
 
     if not isinstance(config, StudyConfig):
         raise TypeError(f"config must be a StudyConfig, got {type(config).__name__}")
+    if out_dir is not None:
+        check_output_folder(Path(out_dir))  # before loading any data
     problem = problem or make_problem(config.problem, **config.problem_options)
     device = resolve_device(config.device)
     if out_dir is not None:
         sink = StudyWriter(out_dir, config, problem, resume=resume)
         chunk_size = sink.chunk_size or choose_chunk_size(config, problem, device)
-        sink.start(chunk_size)
+        chunks = plan_chunks(config, chunk_size)
+        sink.start(chunk_size, chunks)  # creates, or checks and repairs, before any training
     else:
         sink = MemoryCollector(config, problem)
-        chunk_size = choose_chunk_size(config, problem, device)
-    chunks = plan_chunks(config, chunk_size)
+        chunks = plan_chunks(config, choose_chunk_size(config, problem, device))
     todo = [c for c in chunks if not sink.is_done(c.id)]
     bar = outer = None
     if progress:

@@ -10,10 +10,13 @@ An output folder holds
 * ``checkpoints/``  mid-chunk checkpoints of the chunk in progress (deleted when it finishes)
 * ``plots/``        PNG figures (see :mod:`hdfunc.studies.plots`)
 
-Writes are incremental and atomic: a finished chunk's rows are appended to the CSV and flushed,
-then ``summary.json`` is replaced atomically with the CSV's new length. A study killed at any
-moment resumes (``resume=True``) from the last summary: the CSV is cut back to the recorded
-length, finished chunks are skipped and the chunk in progress restarts from its checkpoint.
+Writes are durable and verifiable (:mod:`hdfunc.studies.storage`): a finished chunk's rows are
+appended to the CSV and fsynced, then ``summary.json`` is replaced atomically, recording where the
+chunk's rows end and their SHA-256 (the summary carries a checksum of itself; checkpoints carry
+one of their payload). Resuming (``resume=True``) keeps the longest prefix of finished chunks whose
+rows are intact, cuts anything after it, discards damaged checkpoints and retrains the rest, so it
+ends byte-identical to an uninterrupted study; what it cannot recover (a damaged ``summary.json``,
+a checkpoint of other runs) it refuses before training, changing no file.
 A run whose loss becomes non-finite is recorded as diverged (its losses as nan/inf).
 """
 
@@ -21,22 +24,34 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import os
+import re
 import sys
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, TextIO
 
 import numpy as np
 
 import hdfunc
 from hdfunc.studies.config import RunKey, StudyConfig
 from hdfunc.studies.stats import finite_or_none
+from hdfunc.studies.storage import (CheckpointDamagedError, StudyDamagedError, StudyError,
+                                    intact_chunks, load_checkpoint, output_error,
+                                    prepare_output_folder, read_prefix, read_summary, sha256,
+                                    temporary_path, write_bytes_atomic, write_summary)
+
+if TYPE_CHECKING:
+    from hdfunc.studies.engine import Chunk
 
 CSV_COLUMNS = ["optimizer", "lr0", "beta", "seed", "step", "loss", "lr"]
-FORMAT_VERSION = 1
+CSV_HEADER = (",".join(CSV_COLUMNS) + "\n").encode()
+FORMAT_VERSION = 2  # 2: checksummed summary with per-chunk CSV records
 
 
 @dataclass
@@ -176,30 +191,47 @@ class MemoryCollector:
 # ----------------------------------------------------------------------------- files
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=1, allow_nan=False))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class StudyRecoveryWarning(UserWarning):
+    """Resuming repaired a study folder (dropped damaged rows or checkpoints to retrain them)."""
 
 
 def new_summary(config: StudyConfig, problem: str, num_steps: int, chunk_size: int | None,
                 csv_bytes: int, runs: list[RunSummary]) -> dict:
-    """The contents of a study's ``summary.json`` before its statistics are computed."""
+    """The contents of a study's ``summary.json`` before its statistics are computed.
+    ``chunks``: per finished chunk, in order, its id, number of runs, where its rows end in
+    ``steps.csv`` and their SHA-256."""
     return {"format": FORMAT_VERSION, "hdfunc_version": hdfunc.__version__,
             "config": config.to_dict(), "problem": problem, "num_steps": num_steps,
-            "chunk_size": chunk_size, "complete": False, "completed_chunks": [],
+            "chunk_size": chunk_size, "complete": False, "completed_chunks": [], "chunks": [],
             "csv_bytes": csv_bytes, "runs": [asdict(r) for r in runs], "statistics": None}
 
 
+def resume_command(out: Path) -> str:
+    return f"`hdfunc study --resume --out {out}` with the same settings"
+
+
+@contextmanager
+def writing_into(out: Path) -> Iterator[None]:
+    """Turn an ``OSError`` while writing the study into a one-line :class:`StudyOutputError`."""
+    try:
+        yield
+    except OSError as error:
+        raise output_error(out, error) from None
+
+
+@dataclass
+class Recovery:
+    """What resuming changes in a study folder before training, decided without writing."""
+
+    kept_chunks: int  # finished chunks whose rows are intact
+    csv_end: int  # bytes of steps.csv that stay
+    rewrite_csv: bool  # the header itself is damaged: start steps.csv again
+    discard: list[Path]  # stale or damaged checkpoints, temporary files
+    notes: list[str]  # what was repaired, for the user
+
+
 class StudyWriter:
-    """Writes a study's results to ``out_dir`` incrementally and atomically (module docstring)."""
+    """Writes a study's results to ``out_dir`` durably and resumes one (module docstring)."""
 
     def __init__(self, out_dir: str | Path, config: StudyConfig, problem: Any, *, resume: bool):
         self.out = Path(out_dir)
@@ -210,7 +242,15 @@ class StudyWriter:
         self.csv_path = self.out / "steps.csv"
         self.chunk_size: int | None = None
         self.summary: dict | None = None
-        if self.summary_path.is_file():
+        with writing_into(self.out):  # e.g. a folder that cannot be read
+            existing = self.summary_path.is_file()
+            orphan_rows = not existing and not CSV_HEADER.startswith(
+                read_prefix(self.csv_path, len(CSV_HEADER) + 1))
+        if orphan_rows:
+            raise StudyDamagedError(f"{self.csv_path} holds rows but {self.summary_path} is missing, "
+                                    f"so they cannot be verified or continued; move {self.out} "
+                                    f"aside (or delete steps.csv) and run the study again")
+        if existing:
             if not resume:
                 raise FileExistsError(f"{self.out} already holds a study (summary.json); pass "
                                       f"--resume (resume=True) to continue it, or choose another "
@@ -218,31 +258,128 @@ class StudyWriter:
             self.summary = self._load_existing()
             self.chunk_size = self.summary["chunk_size"]
 
+    @property
+    def advice(self) -> str:
+        """What to do about a damaged ``summary.json`` (the end of a refusal)."""
+        return (f"restore it from a copy, or move {self.out} aside and run the study again; "
+                f"nothing was changed")
+
     def _load_existing(self) -> dict:
+        summary = read_summary(self.summary_path, f"cannot resume: {self.advice}")
+        if summary["format"] != FORMAT_VERSION:
+            raise StudyError(
+                f"cannot resume {self.out}: its {self.summary_path.name} has format "
+                f"{summary['format']}, this hdfunc writes format {FORMAT_VERSION} and resumes only "
+                f"that; finish it with the hdfunc that started it, or run the study again")
+        if "merged_from" in summary:
+            raise StudyError(f"cannot resume {self.out}: it was merged from shards; resume "
+                                    f"the shards (the same torchrun command with --resume)")
         try:
-            summary = json.loads(self.summary_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read {self.summary_path}: {error}") from error
-        stored, given = StudyConfig.from_dict(summary["config"]).identity(), self.config.identity()
+            stored = StudyConfig.from_dict(summary["config"]).identity()
+        except (KeyError, TypeError, ValueError) as error:
+            raise StudyDamagedError(f"{self.summary_path} holds no valid study configuration "
+                                    f"({error}); {self.advice}") from None
+        given = self.config.identity()
         if stored != given:
-            differences = {k: (v, given[k]) for k, v in stored.items() if given[k] != v}
+            differences = {k: (v, given.get(k)) for k, v in stored.items() if given.get(k) != v}
             raise ValueError(f"cannot resume {self.out}: it holds a different study "
                              f"(setting: (stored, given)) {differences}")
         return summary
 
-    def start(self, chunk_size: int) -> None:
+    # ------------------------------------------------------------------ starting and resuming
+
+    def start(self, chunk_size: int, chunks: Sequence[Chunk]) -> None:
+        """Create the study's files, or (resuming) check those there against ``chunks`` (the
+        study's plan) and repair what can be retrained.
+        Either happens before any training; a refusal raises :class:`StudyError` and leaves every
+        file as it was."""
         if self.summary is None:
-            self.out.mkdir(parents=True, exist_ok=True)
-            header = ",".join(CSV_COLUMNS) + "\n"
-            write_text_atomic(self.csv_path, header)
-            self.summary = new_summary(self.config, self.problem, self.num_steps, chunk_size,
-                                       len(header.encode()), [])
-            write_json_atomic(self.summary_path, self.summary)
-        else:  # cut off rows of a chunk that did not finish
-            with open(self.csv_path, "r+b") as f:
-                f.truncate(self.summary["csv_bytes"])
-            self.summary["config"] = self.config.to_dict()  # runtime settings may change
-        self.chunk_size = self.summary["chunk_size"]
+            prepare_output_folder(self.out)
+            with writing_into(self.out):
+                write_bytes_atomic(self.csv_path, CSV_HEADER)
+                self.summary = new_summary(self.config, self.problem, self.num_steps, chunk_size,
+                                           len(CSV_HEADER), [])
+                write_summary(self.summary_path, self.summary)
+            return
+        recovery = self._plan_recovery(chunks)
+        prepare_output_folder(self.out)
+        with writing_into(self.out):
+            self._recover(recovery)
+        for note in recovery.notes:
+            warnings.warn(note, StudyRecoveryWarning, stacklevel=3)
+
+    def _plan_recovery(self, chunks: Sequence[Chunk]) -> Recovery:
+        summary = self.summary
+        keys_of = {chunk.id: tuple(chunk.keys) for chunk in chunks}
+        try:
+            records = summary["chunks"]
+            ids = [record["id"] for record in records]
+            recorded_keys = [RunSummary(**run).key for run in summary["runs"]]
+            planned_keys = [key for i in ids for key in keys_of.get(i, ())]
+            consistent = (ids == [chunk.id for chunk in chunks][:len(ids)]
+                          and summary["completed_chunks"] == ids
+                          and all(record["runs"] == len(keys_of[record["id"]]) for record in records)
+                          and recorded_keys == planned_keys)
+        except (KeyError, TypeError) as error:
+            raise StudyDamagedError(f"{self.summary_path} lacks {error}; {self.advice}") from None
+        if not consistent:
+            raise StudyDamagedError(f"{self.summary_path} does not match the chunks of this study; "
+                                    f"{self.advice}")
+        end = records[-1]["csv_end"] if records else len(CSV_HEADER)
+        intact = intact_chunks(read_prefix(self.csv_path, end), CSV_HEADER, records)
+        kept = max(intact, 0)
+        notes = []
+        if kept < len(records):
+            part = "its header is" if intact < 0 else f"the rows of chunk {records[kept]['id']} are"
+            notes.append(f"{self.csv_path}: {part} missing or damaged; retraining chunks "
+                         f"{records[kept]['id']}..{records[-1]['id']} (the rows before stay)")
+        done = set(ids[:kept])
+        discard = [temporary_path(p) for p in (self.summary_path, self.csv_path)
+                   if temporary_path(p).exists()]
+        folder = self.out / "checkpoints"
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            match = re.fullmatch(r"chunk-(\w+)\.pt(\.tmp)?", path.name)
+            if match is None or match[1] not in keys_of:
+                continue  # not ours: never read, left alone
+            if match[2] or match[1] in done:
+                discard.append(path)  # a torn save, or the checkpoint of a finished chunk
+                continue
+            try:
+                saved = load_checkpoint(path)
+            except CheckpointDamagedError:
+                discard.append(path)
+                notes.append(f"{path} is damaged; chunk {match[1]} restarts from its first step")
+                continue
+            if (tuple(saved.get("keys", ())) != keys_of[match[1]] or saved.get("total") != self.num_steps
+                    or not 0 < saved.get("step", -1) < self.num_steps):
+                raise StudyDamagedError(f"cannot resume: {path} belongs to other runs; delete it "
+                                        f"to retrain chunk {match[1]} from its first step "
+                                        f"(nothing was changed)")
+        return Recovery(kept, records[kept - 1]["csv_end"] if kept else len(CSV_HEADER),
+                        intact < 0, discard, notes)
+
+    def _recover(self, recovery: Recovery) -> None:
+        """Apply ``recovery``: the summary first, so a kill in between leaves a longer
+        ``steps.csv`` (a tail cut on the next resume), never a shorter one."""
+        summary = self.summary
+        kept = summary["chunks"][:recovery.kept_chunks]
+        if len(kept) < len(summary["chunks"]):
+            summary.update(chunks=kept, completed_chunks=[c["id"] for c in kept],
+                           runs=summary["runs"][:sum(c["runs"] for c in kept)],
+                           complete=False, statistics=None)
+        summary["csv_bytes"] = recovery.csv_end
+        summary["config"] = self.config.to_dict()  # runtime settings may change
+        write_summary(self.summary_path, summary)
+        if recovery.rewrite_csv or not self.csv_path.is_file():
+            write_bytes_atomic(self.csv_path, CSV_HEADER)
+        elif self.csv_path.stat().st_size > recovery.csv_end:  # only ever shortened
+            os.truncate(self.csv_path, recovery.csv_end)
+            with open(self.csv_path, "rb+") as f:
+                os.fsync(f.fileno())
+        for path in recovery.discard:
+            path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ chunks
 
     def is_done(self, chunk_id: str) -> bool:
         return chunk_id in self.summary["completed_chunks"]
@@ -251,18 +388,26 @@ class StudyWriter:
         return self.out / "checkpoints" / f"chunk-{chunk_id}.pt"
 
     def add(self, chunk_id: str, result: Any) -> None:
-        with open(self.csv_path, "a") as f:
-            f.write(csv_text(result, self.config.log_every))
-            f.flush()
-            os.fsync(f.fileno())
-        self.summary["csv_bytes"] = self.csv_path.stat().st_size
-        self.summary["runs"] += [asdict(r) for r in summarize(result)]
-        self.summary["completed_chunks"].append(chunk_id)
-        self.summary["complete"] = False
-        write_json_atomic(self.summary_path, self.summary)
-        checkpoint = self.checkpoint_path(chunk_id)
-        if checkpoint.exists():
-            checkpoint.unlink()
+        """Append a finished chunk's rows (fsynced), then record them in the summary."""
+        rows = csv_text(result, self.config.log_every).encode()
+        start = self.summary["csv_bytes"]
+        with writing_into(self.out):
+            with open(self.csv_path, "ab") as f:
+                if f.tell() != start:
+                    raise StudyDamagedError(f"{self.csv_path} changed while the study ran ({f.tell()} "
+                                            f"bytes, expected {start}); continue with "
+                                            f"{resume_command(self.out)}")
+                f.write(rows)
+                f.flush()
+                os.fsync(f.fileno())
+            self.summary["chunks"].append({"id": chunk_id, "runs": len(result.keys),
+                                           "csv_end": start + len(rows), "sha256": sha256(rows)})
+            self.summary["csv_bytes"] = start + len(rows)
+            self.summary["runs"] += [asdict(r) for r in summarize(result)]
+            self.summary["completed_chunks"].append(chunk_id)
+            self.summary["complete"] = False
+            write_summary(self.summary_path, self.summary)
+            self.checkpoint_path(chunk_id).unlink(missing_ok=True)
 
     def finish(self, plots: bool = True) -> StudyResults:
         return finalize(self.out, plots=plots)
@@ -272,10 +417,11 @@ def finalize(out_dir: str | Path, *, plots: bool = True) -> StudyResults:
     """Compute statistics (into summary.json, marked complete) and draw the plots."""
     out = Path(out_dir)
     results = load_results(out)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = read_summary(out / "summary.json", "run the study again")
     summary["statistics"] = results.statistics
     summary["complete"] = True
-    write_json_atomic(out / "summary.json", summary)
+    with writing_into(out):
+        write_summary(out / "summary.json", summary)
     if plots:
         from hdfunc.studies.plots import plot_study
         plot_study(results, out / "plots")
@@ -287,8 +433,39 @@ def csv_rows(lines: Iterable[str], source: Path) -> Iterator[list[str]]:
     reader = csv.reader(lines)
     header = next(reader, None)
     if header != CSV_COLUMNS:
-        raise ValueError(f"{source} is not a study CSV (header {header})")
+        raise StudyDamagedError(f"{source} is not a study CSV (header {header})")
     yield from reader
+
+
+def verified_csv_text(out: Path, summary: dict) -> str:
+    """The rows of ``out/steps.csv`` that ``summary`` records, checked against its chunk records
+    (format 2) or its length (format 1); :class:`StudyDamagedError` saying what to do if not."""
+    csv_path, summary_path = out / "steps.csv", out / "summary.json"
+    if "merged_from" in summary:
+        fix = "merge the shards again (the same torchrun command with --resume)"
+    else:
+        fix = f"retrain the missing rows with {resume_command(out)}"
+    data = read_prefix(csv_path, summary["csv_bytes"])
+    if summary["format"] >= 2:
+        chunks = summary["chunks"]
+        intact = intact_chunks(data, CSV_HEADER, chunks)
+        if intact < len(chunks):
+            if intact < 0:
+                part = "the header is"
+            else:
+                start = chunks[intact - 1]["csv_end"] if intact else len(CSV_HEADER)
+                part = (f"the rows of chunk {chunks[intact]['id']} (bytes {start}-"
+                        f"{chunks[intact]['csv_end']}) are")
+            raise StudyDamagedError(f"{csv_path}: {part} missing or damaged (they do not match "
+                                    f"{summary_path.name}); {fix}")
+    elif len(data) < summary["csv_bytes"]:
+        raise StudyDamagedError(f"{csv_path} is shorter than {summary_path.name} records "
+                                f"({len(data)} < {summary['csv_bytes']} bytes); {fix}")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as error:
+        raise StudyDamagedError(f"{csv_path} is damaged (not UTF-8 text at byte {error.start}); "
+                                f"{fix}") from None
 
 
 def read_rows(csv_path: Path) -> Iterator[list[str]]:
@@ -300,21 +477,59 @@ def row_key(row: list[str]) -> RunKey:
     return RunKey(row[0], float(row[1]), float(row[2]), int(row[3]))
 
 
-def load_results(out_dir: str | Path) -> StudyResults:
-    """Read a study folder (summary.json + steps.csv) back into :class:`StudyResults`."""
-    out = Path(out_dir)
+def parsed_rows(text: str, source: Path) -> Iterator[tuple[RunKey, int, float, float]]:
+    """(run, step, loss, lr) of each CSV row; :class:`StudyDamagedError` naming the line if a row
+    cannot be read."""
+    rows = csv_rows(io.StringIO(text), source)
+    for line in itertools.count(2):
+        try:
+            row = next(rows, None)
+            if row is None:
+                return
+            if len(row) != len(CSV_COLUMNS):
+                raise ValueError(f"{len(row)} fields, expected {len(CSV_COLUMNS)}")
+            parsed = row_key(row), int(row[4]), float(row[5]), float(row[6])
+        except StudyDamagedError:
+            raise
+        except (ValueError, csv.Error) as error:
+            raise StudyDamagedError(f"{source} line {line} cannot be read ({error}); the file is "
+                                    f"damaged: run the study again") from None
+        yield parsed
+
+
+def read_study_summary(out: Path) -> dict:
+    """The verified ``summary.json`` of the study in ``out`` (format 1 or 2)."""
     summary_path = out / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"no study in {out} (summary.json missing)")
-    summary = json.loads(summary_path.read_text())
-    config = StudyConfig.from_dict(summary["config"])
-    runs = [RunSummary(**r) for r in summary["runs"]]
+    advice = "restore it from a copy, or run the study again"
+    summary = read_summary(summary_path, advice)
+    if summary["format"] > FORMAT_VERSION:
+        raise StudyError(f"{summary_path} has format {summary['format']}, newer than this "
+                         f"hdfunc reads ({FORMAT_VERSION}); update hdfunc")
+    required = ("config", "runs", "csv_bytes") + (("chunks",) if summary["format"] >= 2 else ())
+    missing = [key for key in required if key not in summary]
+    if missing:
+        raise StudyDamagedError(f"{summary_path} lacks {', '.join(missing)}; {advice}")
+    return summary
+
+
+def load_results(out_dir: str | Path) -> StudyResults:
+    """Read a study folder (summary.json + steps.csv) back into :class:`StudyResults`; a damaged
+    folder raises :class:`~hdfunc.studies.storage.StudyDamagedError` naming the file, what is
+    wrong and what to do."""
+    out = Path(out_dir)
+    summary = read_study_summary(out)
+    try:
+        config = StudyConfig.from_dict(summary["config"])
+        runs = [RunSummary(**r) for r in summary["runs"]]
+    except (KeyError, TypeError, ValueError) as error:
+        raise StudyDamagedError(f"{out / 'summary.json'} holds no valid study ({error}); restore "
+                                f"it from a copy, or run the study again") from None
     done = {r.key for r in runs}
     columns: dict[RunKey, list] = {}
-    with open(out / "steps.csv", "rb") as f:  # only the recorded bytes count
-        text = f.read(summary["csv_bytes"]).decode()
-    for row in csv_rows(io.StringIO(text), out / "steps.csv"):
-        columns.setdefault(row_key(row), []).append((int(row[4]), float(row[5]), float(row[6])))
+    for key, *values in parsed_rows(verified_csv_text(out, summary), out / "steps.csv"):
+        columns.setdefault(key, []).append(values)
     curves, steps = {}, np.zeros(0, dtype=np.int64)
     for key, rows in columns.items():
         if key in done:
@@ -329,15 +544,15 @@ def merge_studies(out_dir: str | Path, parts: list[str | Path], config: StudyCon
     """Merge complete study folders ``parts`` (e.g. one per rank, each a slice of the seeds) into
     ``out_dir``, rows and runs in the canonical order of ``config``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_output_folder(out)
     runs, lines, problem, num_steps = [], {}, "", None
-    for part in parts:
-        summary = json.loads((Path(part) / "summary.json").read_text())
+    for part in map(Path, parts):
+        summary = read_study_summary(part)
         if not summary.get("complete"):
             raise ValueError(f"cannot merge {part}: its study is not complete")
         runs += [RunSummary(**r) for r in summary["runs"]]
         problem, num_steps = summary["problem"], summary["num_steps"]
-        for row in read_rows(Path(part) / "steps.csv"):
+        for row in csv_rows(io.StringIO(verified_csv_text(part, summary)), part / "steps.csv"):
             lines.setdefault(row_key(row), []).append(row)
     runs = _sort_runs(config, runs)
     missing = set(config.runs()) - {r.key for r in runs}
@@ -345,12 +560,14 @@ def merge_studies(out_dir: str | Path, parts: list[str | Path], config: StudyCon
         raise ValueError(f"merged parts lack {len(missing)} run(s), e.g. {sorted(missing)[0]}")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
     for r in runs:
         writer.writerows(lines.get(r.key, []))
-    text = buffer.getvalue()
-    write_text_atomic(out / "steps.csv", text)
-    summary = new_summary(config, problem, num_steps, None, len(text.encode()), runs)
+    rows = buffer.getvalue().encode()
+    summary = new_summary(config, problem, num_steps, None, len(CSV_HEADER) + len(rows), runs)
+    summary["chunks"] = [{"id": "merged", "runs": len(runs), "csv_end": summary["csv_bytes"],
+                          "sha256": sha256(rows)}]
     summary["merged_from"] = [str(p) for p in parts]
-    write_json_atomic(out / "summary.json", summary)
+    with writing_into(out):
+        write_bytes_atomic(out / "steps.csv", CSV_HEADER + rows)
+        write_summary(out / "summary.json", summary)
     return finalize(out, plots=plots)
