@@ -4,24 +4,88 @@
     state = rule.init(params)
     updates, state = rule.update(grads, state, params)
     params = hdfunc.apply_updates(params, updates)
+
+The names below are imported on first use (PEP 562), so ``import hdfunc`` and the ``hdfunc``
+command line start without importing torch; ``hdfunc.optim`` (the torch.optim classes) and
+``hdfunc.studies`` (batched studies) are loaded the same way on first access.
 """
 
-from hdfunc.base import EmptyState, Rule, Transform, apply_updates, chain
-from hdfunc.directions import (DIFFERENTIABLE_EPS_ROOT, add_decayed_weights, add_l2, identity,
-                               nesterov, scale_by_adagrad, scale_by_adam, scale_by_lion,
-                               scale_by_rms)
-from hdfunc.hypergradient import (HDConfig, HDState, LRState, adapt_rates, find_lr_state, freeze_hypergrad_lr,
-                                  freeze_lr, get_applied_lr, get_lr, hypergradient, inverse_square,
-                                  replace_lr_state, scale_by_lr)
-from hdfunc.rules import (HD_OF, RULES, adam, adam_hd, adamw, adamw_hd, base_rule, hd_rule, sgd,
-                          sgd_hd, sgdn, sgdn_hd)
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "DIFFERENTIABLE_EPS_ROOT", "EmptyState", "HDConfig", "HDState", "adapt_rates", "freeze_hypergrad_lr", "HD_OF", "LRState", "RULES", "Rule", "Transform", "adam", "adam_hd",
-    "adamw", "adamw_hd", "add_decayed_weights", "add_l2", "apply_updates", "base_rule", "chain",
-    "find_lr_state", "freeze_lr", "get_applied_lr", "get_lr", "hd_rule", "hypergradient", "identity",
-    "inverse_square", "nesterov", "replace_lr_state", "scale_by_adagrad", "scale_by_adam", "scale_by_lion",
-    "scale_by_lr", "scale_by_rms", "sgd", "sgd_hd", "sgdn", "sgdn_hd",
-]
+from hdfunc._version import __version__
+
+# Public names by the module that defines them. A new public name: add it here (and to the
+# TYPE_CHECKING imports below, for type checkers and editors).
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "hdfunc.base": ("EmptyState", "Rule", "Transform", "apply_updates", "chain"),
+    "hdfunc.directions": ("DIFFERENTIABLE_EPS_ROOT", "add_decayed_weights", "add_l2", "identity",
+                          "nesterov", "scale_by_adagrad", "scale_by_adam", "scale_by_lion",
+                          "scale_by_rms"),
+    "hdfunc.hyperdescent": ("HyperdescentState", "hyperdescent"),
+    "hdfunc.hypergradient": ("HD_OPTIONS", "HDConfig", "HDState", "LRState", "ScheduleState",
+                             "adapt_rates", "find_lr_state", "freeze_hypergrad_lr", "freeze_lr",
+                             "get_applied_lr", "get_lr", "hypergradient", "inverse_square",
+                             "replace_lr_state", "scale_by_lr"),
+    "hdfunc.rules": ("HD_OF", "RULES", "adam", "adam_hd", "adamw", "adamw_hd", "base_rule",
+                     "hd_rule", "sgd", "sgd_hd", "sgdn", "sgdn_hd"),
+    "hdfunc.transforms": ("PartitionState", "clip_by_global_norm", "global_norm", "partition"),
+}
+#: Submodules reachable as attributes of ``hdfunc`` without importing them first.
+_SUBMODULES = ("base", "cli", "demo", "directions", "hyperdescent", "hypergradient", "optim",
+               "rules", "studies", "transforms", "tree")
+
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+if TYPE_CHECKING:  # what the lazy loader provides, spelled out for static analysis
+    from hdfunc import optim, studies
+    from hdfunc.base import EmptyState, Rule, Transform, apply_updates, chain
+    from hdfunc.directions import (DIFFERENTIABLE_EPS_ROOT, add_decayed_weights, add_l2,
+                                   identity, nesterov, scale_by_adagrad, scale_by_adam,
+                                   scale_by_lion, scale_by_rms)
+    from hdfunc.hyperdescent import HyperdescentState, hyperdescent
+    from hdfunc.hypergradient import (HD_OPTIONS, HDConfig, HDState, LRState, ScheduleState,
+                                      adapt_rates, find_lr_state, freeze_hypergrad_lr, freeze_lr,
+                                      get_applied_lr, get_lr, hypergradient, inverse_square,
+                                      replace_lr_state, scale_by_lr)
+    from hdfunc.rules import (HD_OF, RULES, adam, adam_hd, adamw, adamw_hd, base_rule, hd_rule,
+                              sgd, sgd_hd, sgdn, sgdn_hd)
+    from hdfunc.transforms import PartitionState, clip_by_global_norm, global_norm, partition
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if name in _SUBMODULES:
+        try:
+            return importlib.import_module(f"hdfunc.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"hdfunc.{name}":
+                raise
+    raise AttributeError(f"module 'hdfunc' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(_WHERE) | set(_SUBMODULES) | {n for n in globals() if n.startswith("__")})
+
+
+class _Package(types.ModuleType):
+    """``hdfunc`` itself. Importing a submodule sets it as an attribute of its package; where a
+    public name equals a submodule's (``hdfunc.hypergradient``, the function), the name wins."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _WHERE and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

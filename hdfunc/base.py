@@ -10,7 +10,9 @@ No function here mutates its inputs, so rules compose with ``torch.func.grad``, 
 
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 import math
 import numbers
 import threading
@@ -23,7 +25,7 @@ from hdfunc.tree import (PyTree, leaf_path, tree_flatten, tree_flatten_with_path
                          tree_structure)
 
 InitFn = Callable[[PyTree], PyTree]
-UpdateFn = Callable[[PyTree, PyTree, PyTree], "tuple[PyTree, PyTree]"]
+UpdateFn = Callable[[PyTree, PyTree, Optional[PyTree]], "tuple[PyTree, PyTree]"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,6 +39,9 @@ class Transform:
     ``rate_law``, on a transform that adapts a learning rate, declares how it does so (an
     :class:`hdfunc.HDConfig`: granularity, additive or multiplicative rule, bounds, transition,
     higher order); the verification suite's oracle replays exactly that law.
+
+    ``needs_params`` says whether ``update`` reads the values of ``params`` (weight decay does);
+    a transform that does not accepts ``params=None`` (it may read only the grads' dtypes).
     """
 
     init: InitFn
@@ -44,6 +49,7 @@ class Transform:
     name: str = "transform"
     previous_output: Optional[Callable[[PyTree], PyTree]] = None
     rate_law: Optional[Any] = None
+    needs_params: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,7 +78,8 @@ def chain(*transforms: Transform, name: str = "chain") -> Transform:
     def init(params: PyTree) -> tuple:
         return tuple(t.init(params) for t in transforms)
 
-    def update(updates: PyTree, state: tuple, params: PyTree) -> tuple[PyTree, tuple]:
+    def update(updates: PyTree, state: tuple,
+               params: Optional[PyTree] = None) -> tuple[PyTree, tuple]:
         new_states = []
         for t, s in zip(transforms, state):
             updates, s = t.update(updates, s, params)
@@ -87,7 +94,16 @@ def chain(*transforms: Transform, name: str = "chain") -> Transform:
     if len(laws) > 1:
         raise ValueError("a chain may adapt at most one learning rate (two transforms declare a "
                          "rate_law)")
-    return Transform(init, update, name, previous_output, laws[0] if laws else None)
+    return Transform(init, update, name, previous_output, laws[0] if laws else None,
+                     needs_params=any(t.needs_params for t in transforms))
+
+
+def require_params(params: Optional[PyTree], who: str) -> PyTree:
+    """``params``, or a ValueError saying that ``who`` reads them (``params=None`` was given)."""
+    if params is None:
+        raise ValueError(f"{who} needs params in update(grads, state, params): it reads the "
+                         "parameter values (weight decay)")
+    return params
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
@@ -174,17 +190,41 @@ Factory = TypeVar("Factory", bound=Callable[..., Any])
 _building = threading.local()  # whether a rule factory is already running in this thread
 
 
-def rule_factory(factory: Factory) -> Factory:
+def rule_factory(factory: Optional[Factory] = None, *,
+                 extra_options: tuple[str, ...] = ()) -> Any:
     """Prefix the ValueError/TypeError of a bad argument with the rule's name
     (``"adam_hd: lr must be finite, got inf"``): the name of the outermost rule factory called,
-    so ``adamw_hd`` (built by ``adam_hd``) names itself."""
+    so ``adamw_hd`` (built by ``adam_hd``) names itself.
+
+    A keyword the factory does not take is refused before it runs, naming the valid options (its
+    own parameters, plus ``extra_options`` where it takes ``**options``) and the closest match:
+    ``adam_hd: unknown option 'modee' (did you mean 'mode'?); valid options: lr, ...``.
+    Use as ``@rule_factory`` or ``@rule_factory(extra_options=HD_OPTIONS)``."""
+    if factory is None:
+        return functools.partial(rule_factory, extra_options=extra_options)
+    parameters = inspect.signature(factory).parameters.values()
+    named = [p.name for p in parameters
+             if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    takes_options = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    valid = tuple(named) + (tuple(extra_options) if takes_options else ())
+    check_extra = takes_options and bool(extra_options)
+
+    def check_options(kwargs: dict) -> None:
+        for key in kwargs:
+            if key in valid or (takes_options and not check_extra):
+                continue
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"unknown option {key!r}{hint}; valid options: {', '.join(valid)}")
 
     @functools.wraps(factory)
     def build(*args: Any, **kwargs: Any) -> Any:
         if getattr(_building, "active", False):
+            check_options(kwargs)
             return factory(*args, **kwargs)
         _building.active = True
         try:
+            check_options(kwargs)
             return factory(*args, **kwargs)
         except (ValueError, TypeError) as error:
             if error.args and isinstance(error.args[0], str):
@@ -193,7 +233,8 @@ def rule_factory(factory: Factory) -> Factory:
         finally:
             _building.active = False
 
-    return build  # type: ignore[return-value]
+    build.valid_options = valid  # type: ignore[attr-defined]
+    return build
 
 
 def _describe(spec: Any) -> str:
@@ -221,7 +262,11 @@ def check_grads(grads: PyTree, params: PyTree) -> None:
 
 
 def validated(transform: Transform, *, name: str, hyperparams: dict) -> Rule:
-    """Wrap a transform as a public :class:`Rule` whose ``update`` checks its inputs."""
+    """Wrap a transform as a public :class:`Rule` whose ``update`` checks its inputs.
+
+    ``update(grads, state, params=None)``: params may be left out unless the transform reads
+    their values (``needs_params``: weight decay), which raises ``"<name> needs params in
+    update(...)"``."""
     expected_spec: dict = {}
 
     def state_spec_for(params: PyTree) -> Any:
@@ -233,16 +278,21 @@ def validated(transform: Transform, *, name: str, hyperparams: dict) -> Rule:
             expected_spec[key] = tree_structure(transform.init(meta))
         return expected_spec[key]
 
-    def update(grads: PyTree, state: PyTree, params: PyTree) -> tuple[PyTree, PyTree]:
+    def update(grads: PyTree, state: PyTree,
+               params: Optional[PyTree] = None) -> tuple[PyTree, PyTree]:
+        if params is None and transform.needs_params:
+            require_params(params, name)
         if not torch.compiler.is_compiling():
-            check_grads(grads, params)
+            # without params, the grads stand for their structure, shapes and dtypes
+            check_grads(grads, grads if params is None else params)
             got = tree_structure(state)
-            want = state_spec_for(params)
+            want = state_spec_for(grads if params is None else params)
             if got != want:
                 raise TypeError(f"this state was not made by {name}.init for these params "
                                 f"(a state from another rule or other params?)\n"
                                 f"  expected: {_describe(want)}\n  got:      {_describe(got)}")
-        return transform.update(grads, state, params)
+        # a rule that reads only the params' dtypes gets them from the grads (checked alike)
+        return transform.update(grads, state, grads if params is None else params)
 
     def init(params: PyTree) -> PyTree:
         leaves = tree_flatten(params)[0]
@@ -255,4 +305,4 @@ def validated(transform: Transform, *, name: str, hyperparams: dict) -> Rule:
         return transform.init(params)
 
     return Rule(init, update, name, transform.previous_output, rate_law=transform.rate_law,
-                hyperparams=dict(hyperparams))
+                needs_params=transform.needs_params, hyperparams=dict(hyperparams))

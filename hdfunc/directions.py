@@ -15,12 +15,13 @@ keep their arithmetic bit for bit. d_t is then float32 for float16/bfloat16 para
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-from hdfunc.base import EmptyState, Transform, check_hyperparameter
-from hdfunc.tree import PyTree, first_leaf, tree_accumulator_zeros, tree_map, tree_zeros_like
+from hdfunc.base import EmptyState, Transform, check_hyperparameter, require_params
+from hdfunc.tree import (PyTree, first_leaf, mask_leaves, tree_accumulator_zeros, tree_flatten,
+                         tree_leaves, tree_map, tree_unflatten, tree_zeros_like)
 
 DIFFERENTIABLE_EPS_ROOT = 1e-16
 """The ``eps_root`` to pass to ``adam``/``adam_hd``/``adamw``/``adamw_hd``/``scale_by_adam``/
@@ -50,31 +51,58 @@ def identity() -> Transform:
     return Transform(lambda params: EmptyState(), lambda g, state, params: (g, state), "identity")
 
 
-def add_l2(weight_decay: float | torch.Tensor) -> Transform:
+WeightDecayMask = Optional[Union[PyTree, Callable[[PyTree], PyTree]]]
+
+
+def _decay(name: str, weight_decay: float | torch.Tensor, mask: WeightDecayMask) -> Callable:
+    """update(x, state, params) -> (x + λ θ where the mask is True, state); the one place that
+    adds a weight-decay term, for :func:`add_l2` (x = g) and :func:`add_decayed_weights` (x = d)."""
+
+    def update(x: PyTree, state: EmptyState,
+               params: Optional[PyTree] = None) -> tuple[PyTree, EmptyState]:
+        params = require_params(params, name)
+        leaves, spec = tree_flatten(x)
+        param_leaves = tree_leaves(params)
+        decayed = [True] * len(leaves) if mask is None else mask_leaves(mask, params,
+                                                                          f"{name} mask")
+        return tree_unflatten([xi + weight_decay * p if on else xi
+                               for xi, p, on in zip(leaves, param_leaves, decayed)],
+                              spec), state
+
+    return update
+
+
+def add_l2(weight_decay: float | torch.Tensor, mask: WeightDecayMask = None) -> Transform:
     """Coupled weight decay (an L2 penalty in the objective): g_t ← g_t + λ θ_{t-1}.
 
     Placed before the hypergradient transform, so h_t uses the gradient of the penalised
-    objective, as in the paper's experiments.
+    objective, as in the paper's experiments. ``mask`` (a pytree of bools like the params, or a
+    callable params -> such a pytree) decays only the tensors marked True (e.g. not biases and
+    norms: ``mask=lambda ps: {k: p.ndim > 1 for k, p in ps.items()}``); None decays all.
     """
     check_hyperparameter("weight_decay", weight_decay)
-
-    def update(g: PyTree, state: EmptyState, params: PyTree) -> tuple[PyTree, EmptyState]:
-        return tree_map(lambda gi, p: gi + weight_decay * p, g, params), state
-
-    return Transform(lambda params: EmptyState(), update, "add_l2")
+    _check_mask(mask)
+    return Transform(lambda params: EmptyState(), _decay("add_l2", weight_decay, mask), "add_l2",
+                     needs_params=True)
 
 
-def add_decayed_weights(weight_decay: float | torch.Tensor) -> Transform:
+def add_decayed_weights(weight_decay: float | torch.Tensor,
+                        mask: WeightDecayMask = None) -> Transform:
     """Decoupled (AdamW-style) weight decay: d_t ← d_t + λ θ_{t-1}, so u_t = -α_t (d_t + λ θ_{t-1}).
 
-    The decay is scaled by α and is therefore part of ∇_α u_t.
+    The decay is scaled by α and is therefore part of ∇_α u_t. ``mask`` as in :func:`add_l2`.
     """
     check_hyperparameter("weight_decay", weight_decay)
+    _check_mask(mask)
+    return Transform(lambda params: EmptyState(),
+                     _decay("add_decayed_weights", weight_decay, mask), "add_decayed_weights",
+                     needs_params=True)
 
-    def update(d: PyTree, state: EmptyState, params: PyTree) -> tuple[PyTree, EmptyState]:
-        return tree_map(lambda di, p: di + weight_decay * p, d, params), state
 
-    return Transform(lambda params: EmptyState(), update, "add_decayed_weights")
+def _check_mask(mask: WeightDecayMask) -> None:
+    if mask is not None and not callable(mask) and not tree_leaves(mask):
+        raise TypeError(f"mask must be None, a pytree of bools like the params or a callable "
+                        f"params -> such a pytree, got {mask!r}")
 
 
 class MomentumState(NamedTuple):

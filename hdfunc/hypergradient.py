@@ -12,6 +12,7 @@ with the paper's variants: per-tensor / per-element rates (§2), the multiplicat
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, NamedTuple, Optional
 
@@ -74,16 +75,69 @@ def as_rate(value: float | torch.Tensor, like: torch.Tensor, dtype: torch.dtype,
     return like.new_full((), float(value), dtype=dtype)
 
 
-def scale_by_lr(lr: float | torch.Tensor) -> Transform:
+Schedule = Callable[[torch.Tensor], Any]
+
+
+class ScheduleState(NamedTuple):
+    """State of a scheduled learning rate α_t = s(t-1) (count = steps taken)."""
+
+    count: torch.Tensor  # steps taken, int64
+    lr: torch.Tensor  # s(count): the rate the next step applies
+    applied_lr: torch.Tensor  # the rate the last step applied (s(0) before the first step)
+
+
+def schedule_value(schedule: Schedule, count: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """s(count) as a 0-d tensor in ``like``'s dtype and device. ``count`` (int64 in the state)
+    is passed as a 0-d tensor in that dtype, so ``0.9 ** count`` is computed at the rates'
+    precision (float64 for float64 params) and the schedule is traced by vmap/compile, never
+    read back to Python."""
+    value = schedule(count.to(like.dtype))
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=like.dtype)
+    return like.new_full((), float(value))
+
+
+def scale_by_lr(lr: float | torch.Tensor | Schedule) -> Transform:
     """u_t = -α d_t with a fixed α (the base optimizers). α lives in the state, so one update
-    function serves a whole grid of learning rates (stack the states)."""
+    function serves a whole grid of learning rates (stack the states).
+
+    ``lr`` may be a schedule: a callable of the step count (a 0-d float tensor in the rates'
+    dtype, holding an integer: 0 at the first step), e.g. ``lambda count: 0.1 * 0.99 ** count``.
+    Step t then applies α_t = s(t-1) (optax's convention); the state (:class:`ScheduleState`)
+    holds the count and s(count), the rate the next step applies, so :func:`freeze_lr` and
+    :func:`get_lr` work as for a fixed rate. Write the schedule with tensor operations
+    (``torch.where``, not ``if``) to keep it vmap- and compile-safe.
+
+    ``params`` may be None: the step is then in the direction's dtype (``apply_updates`` rounds
+    it to the param's)."""
+    if callable(lr):
+        schedule = lr
+
+        def init_scheduled(params: PyTree) -> ScheduleState:
+            leaf = first_leaf(params)
+            count = leaf.new_zeros((), dtype=torch.int64)
+            rate = schedule_value(schedule, count, leaf.new_zeros((), dtype=accumulation_dtype(
+                params)))
+            return ScheduleState(count, rate, rate)
+
+        def update_scheduled(d: PyTree, state: ScheduleState,
+                             params: Optional[PyTree] = None) -> tuple[PyTree, ScheduleState]:
+            reference = d if params is None else params
+            steps = tree_map(lambda di, p: scaled_step(state.lr, di, p.dtype), d, reference)
+            count = state.count + 1
+            return steps, ScheduleState(count, schedule_value(schedule, count, state.lr), state.lr)
+
+        return Transform(init_scheduled, update_scheduled, "scale_by_schedule")
+
     check_hyperparameter("lr", lr)
 
     def init(params: PyTree) -> LRState:
         return LRState(as_rate(lr, first_leaf(params), accumulation_dtype(params)))
 
-    def update(d: PyTree, state: LRState, params: PyTree) -> tuple[PyTree, LRState]:
-        return tree_map(lambda di, p: scaled_step(state.lr, di, p.dtype), d, params), state
+    def update(d: PyTree, state: LRState,
+               params: Optional[PyTree] = None) -> tuple[PyTree, LRState]:
+        reference = d if params is None else params
+        return tree_map(lambda di, p: scaled_step(state.lr, di, p.dtype), d, reference), state
 
     return Transform(init, update, "scale_by_lr")
 
@@ -106,6 +160,7 @@ def hypergradient(
     hyper_hypergrad_lr: float | torch.Tensor | None = None,
     lr_bounds: tuple[float | None, float | None] | None = None,
     skip_nonfinite: bool = True,
+    lr_schedule: Optional[Schedule] = None,
 ) -> Transform:
     """Hypergradient descent on the learning rate of any base ``direction`` (ALGORITHMS.md,
     "The general form"). One step t, in the paper's order:
@@ -117,6 +172,16 @@ def hypergradient(
         d_t  = base direction of g_t                             (base state update)
         γ_t  = δ(t) α_t + (1 - δ(t)) α_∞                         (§5.1; only if final_lr, else γ_t = α_t)
         u_t  = -γ_t d_t,  store d_t = -∇_γ u_t
+
+    ``lr_schedule=s`` (a callable of the step count, as for :func:`scale_by_lr`) multiplies the
+    step: u_t = -s(t-1) γ_t d_t. The chain rule then gives the exact hypergradient of the rate
+    that HD adapts, ∂f(θ_{t-1})/∂γ_{t-1} = -s(t-2) g_t · d_{t-1}, so with a schedule
+
+        h_t  = -s(t-2) g_t · d_{t-1}     (and ‖∇_γ u_{t-1}‖ = s(t-2) ‖d_{t-1}‖ in Eqs. 7-8)
+
+    and α stays in the units of an unscheduled rate: a warm-up s(t) = min(1, (t+1)/T) scales the
+    first steps down while HD adapts the rate the schedule multiplies. ``state.applied_lr`` is
+    then s(t-1) γ_t, the rate the step applied. Without a schedule, s = 1.
 
     ``g_t`` is the incoming gradient (after any coupled L2 term). ``lr_granularity`` picks one
     global α, one α per tensor (per-tensor dot products) or one per element (g_t ⊙ d_{t-1}).
@@ -141,6 +206,12 @@ def hypergradient(
     α, β and α_∞ are read from the state, never from this closure, so one update function
     serves a grid of (α_0, β) made by stacking states built with different values.
     """
+    if callable(lr):
+        raise TypeError("lr must be a number or a 0-d tensor for an HD rule, which adapts α "
+                        "itself; to schedule it pass lr_schedule=<callable of the step count>, "
+                        "a factor on the adapted rate (see hdfunc.hypergradient)")
+    if lr_schedule is not None and not callable(lr_schedule):
+        raise TypeError("lr_schedule must be None or a callable s(count) of the step count")
     check_hyperparameter("lr", lr)
     check_hyperparameter("hypergrad_lr", hypergrad_lr)
     if lr_granularity not in GRANULARITIES:
@@ -202,27 +273,42 @@ def hypergradient(
     config = HDConfig(lr_granularity, mode, transition, final_lr is not None, hyper_hypergrad_lr,
                       low, high, skip_nonfinite)
 
-    def update(g: PyTree, state: HDState, params: PyTree) -> tuple[PyTree, HDState]:
+    def update(g: PyTree, state: HDState,
+               params: Optional[PyTree] = None) -> tuple[PyTree, HDState]:
+        # params are read for their dtypes only (the direction may read them: weight decay);
+        # without them the grads, which have their dtypes, stand in
+        reference = g if params is None else params
         g_leaves, spec = tree_flatten(g)
-        dtypes = rate_dtypes(params)
+        dtypes = rate_dtypes(reference)
         # d_{t-1}; a recomputed one (Adam) is evaluated in the accumulation dtype by the base
         d_prev = state.direction if recompute is None else recompute(state.base)
         d_prev_leaves = tree_leaves(d_prev)
 
-        # h_t = -g_t · d_{t-1}, at the rates' granularity, in at least float32
+        # h_t = -g_t · d_{t-1}, at the rates' granularity, in at least float32 (times s(t-2),
+        # the factor the last step applied, under a schedule)
         hypergrad = [-x for x in products(g_leaves, d_prev_leaves, dtypes)]
         if mode == "multiplicative":
             grad_sq = products(g_leaves, g_leaves, dtypes)
             direction_sq = products(d_prev_leaves, d_prev_leaves, dtypes)
         else:
             grad_sq = direction_sq = None
+        if lr_schedule is not None:
+            rate_like = tree_leaves(state.lr)[0]
+            previous_factor = schedule_value(lr_schedule, torch.clamp(state.count - 1, min=0),
+                                             rate_like)
+            factor = schedule_value(lr_schedule, state.count, rate_like)
+            hypergrad = [previous_factor.to(x.dtype) * x for x in hypergrad]
+            if direction_sq is not None:
+                direction_sq = [previous_factor.to(x.dtype) ** 2 * x for x in direction_sq]
         rates_step = adapt_rates(config, state, hypergrad, grad_sq, direction_sq)
 
         # Base direction and the step with the rate actually applied.
         d, base_state = direction.update(g, state.base, params)
         d_leaves = tree_leaves(d)
         applied = rates_step.applied_lr
-        param_dtypes = [p.dtype for p in tree_leaves(params)]
+        if lr_schedule is not None:
+            applied = [factor.to(a.dtype) * a for a in applied]
+        param_dtypes = [p.dtype for p in tree_leaves(reference)]
         if per_leaf:
             steps = [scaled_step(r, x, dt) for r, x, dt in zip(applied, d_leaves, param_dtypes)]
         else:
@@ -236,12 +322,13 @@ def hypergradient(
             count=state.count + 1,
             lr=new_lr_tree,
             hypergrad_lr=rates_step.hypergrad_lr,
-            applied_lr=new_lr_tree if final_lr is None else rates(applied),
+            applied_lr=(new_lr_tree if final_lr is None and lr_schedule is None
+                        else rates(applied)),
             hypergrad=rates(hypergrad),
             # stored in each param's dtype, as made by init (d_t may be float32 for float16
             # params), so the state keeps its dtypes from step to step
             direction=ABSENT if recompute is not None else tree_map(
-                lambda x, p: x.to(p.dtype), d, params),
+                lambda x, p: x.to(p.dtype), d, reference),
             base=base_state,
             final_lr=state.final_lr,
             lr_sensitivity=(ABSENT if rates_step.lr_sensitivity is None
@@ -251,7 +338,15 @@ def hypergradient(
         )
         return tree_unflatten(steps, spec), new_state
 
-    return Transform(init, update, "hypergradient", rate_law=config)
+    return Transform(init, update, "hypergradient", rate_law=config,
+                     needs_params=direction.needs_params)
+
+
+HD_OPTIONS: tuple[str, ...] = tuple(
+    name for name, parameter in inspect.signature(hypergradient).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
+"""The options of every HD rule (``hd_options``): the keyword-only arguments of
+:func:`hypergradient`."""
 
 
 # ----------------------------------------------------------------------------- the rate update
@@ -370,7 +465,7 @@ def adapt_rates(config: HDConfig, state: HDState, hypergrad: list,
 
 def find_lr_state(state: Any) -> HDState | LRState | Any:
     """The learning-rate node inside a rule's (possibly chained) state."""
-    if isinstance(state, (HDState, LRState)):
+    if isinstance(state, (HDState, LRState, ScheduleState)):
         return state
     if isinstance(state, tuple) and hasattr(state, "_fields") and {"lr", "hypergrad_lr"} <= set(
             state._fields):
@@ -422,7 +517,8 @@ def get_applied_lr(state: Any) -> PyTree:
 
 
 def freeze_lr(state: Any, lr: PyTree) -> Any:
-    """A copy of ``state`` whose next step applies exactly ``lr`` and does not adapt it.
+    """A copy of ``state`` whose next step applies exactly ``lr`` and does not adapt it (times
+    the schedule's factor s(t-1) under ``lr_schedule``, of which h_t is then the derivative).
 
     It sets α (and α_∞) to ``lr`` and β (and ∂α/∂β) to zero. The verification suite uses it to
     write step t-1 as a function u_{t-1}(α) of the applied rate, with everything else frozen.

@@ -21,6 +21,10 @@ the bias corrections of step t-1 (Adam-HD, AdamW-HD, heavy-ball SGD-HD: no extra
 float32 or wider whatever the parameter dtype. The tests prove each trajectory equal to the
 functional rule (:func:`hdfunc.adam_hd`, ...).
 
+After each step ``param_groups[i]["lr"]`` holds γ_t, the rate that step applied, so
+loggers and schedulers read the adapted rate; a value written there (by a scheduler or by hand)
+is where the next step's rate continues from (docs/optim.md, "Logging the rate and schedulers").
+
 Options are validated at construction and, for values written into ``param_groups`` later, at
 the next step; ``load_state_dict`` checks which optimizer wrote a state and takes over the state
 of the torch.optim optimizer a class extends (``MIGRATES_FROM``); ``to_torch_state_dict`` hands
@@ -279,10 +283,14 @@ class HDOptimizer(Optimizer):
         """key -> check of a param group's value (the HD options and the base optimizer's)."""
         return HD_OPTION_CHECKS
 
-    def _check_group(self, group: dict, where: Optional[str] = None) -> None:
-        """Every option of ``group`` is valid. ``where`` (e.g. "param_groups[1]") prefixes the
-        error with the group and key, for values written into a group after construction."""
+    def _check_group(self, group: dict, where: Optional[str] = None,
+                     skip: tuple[str, ...] = ()) -> None:
+        """Every option of ``group`` (but those in ``skip``) is valid. ``where`` (e.g.
+        "param_groups[1]") prefixes the error with the group and key, for values written into a
+        group after construction."""
         for key, check in self._option_checks().items():
+            if key in skip:
+                continue
             value = group.get(key)
             try:
                 check(key, value, group)
@@ -365,15 +373,19 @@ class HDOptimizer(Optimizer):
             }
             group["hd_state"] = hd
             return hd
-        if group["lr"] != hd["scheduled_lr"]:  # a scheduler (or the user) changed lr
-            new, old = float(group["lr"]), hd["scheduled_lr"]
-            if self.scheduler_composition == "scale" and old != 0.0:
-                hd["lr"] = hd["lr"] * (new / old)
+        written = hd["scheduled_lr"]  # the rate this optimizer last left in group["lr"]
+        value = group["lr"]
+        if value is not written and value != written:  # a scheduler (or the user) wrote lr
+            new = float(value)
+            if self.scheduler_composition == "scale" and written != 0.0:
+                # the rate continues from the written value: α and α_∞ scaled by new/γ, as
+                # new · (α/γ) so that α = γ (no final_lr) gives α = new exactly
+                hd["lr"] = new * (hd["lr"] / written)
                 if isinstance(hd["final_lr"], torch.Tensor):
-                    hd["final_lr"] = hd["final_lr"] * (new / old)
+                    hd["final_lr"] = new * (hd["final_lr"] / written)
             else:
                 hd["lr"] = torch.full_like(hd["lr"], new)
-            hd["scheduled_lr"] = new
+            hd["scheduled_lr"] = value
         if group["hypergrad_lr"] != hd["scheduled_hypergrad_lr"]:
             hd["hypergrad_lr"] = torch.full_like(hd["hypergrad_lr"], float(group["hypergrad_lr"]))
             hd["scheduled_hypergrad_lr"] = float(group["hypergrad_lr"])
@@ -413,7 +425,9 @@ class HDOptimizer(Optimizer):
                 loss = closure()
         if not torch.compiler.is_compiling():  # (a compiled step is guarded on these values)
             for i, group in enumerate(self.param_groups):  # values set by hand since the last step
-                self._check_group(group, where=f"param_groups[{i}]")
+                hd = group.get("hd_state")
+                own = hd is not None and group["lr"] is hd["scheduled_lr"]  # γ written by step
+                self._check_group(group, where=f"param_groups[{i}]", skip=("lr",) if own else ())
         prepared = [self._prepare(group) for group in self.param_groups]
         states = [self._rate_state(group) for group in self.param_groups]
         terms = [self._hypergrad_terms(group, lists, hd)
@@ -433,8 +447,24 @@ class HDOptimizer(Optimizer):
             self._adapt(group, hd, table[i, 0], table[i, 1], table[i, 2])
             if lists["params"]:
                 self._base_step(group, lists, hd)
+        self._report_applied_rates(states, dtype)
         self._report_skipped_steps(states, prepared)
         return loss
+
+    @torch.compiler.disable
+    def _report_applied_rates(self, states: list[dict], dtype: torch.dtype) -> None:
+        """group["lr"] ← γ_t (a Python float, as torch.optim keeps lr), for loggers and
+        schedulers; remembered in the rate state so that the next step can tell a scheduler's
+        (or the user's) write from its own. One device-to-host copy for all groups (a sync off
+        the CPU). Under torch.compile this runs eagerly (a graph break at the end of the step):
+        the floats then reach the next compiled step as dynamic values, not as constants baked
+        into the graph, so a new γ every step causes no recompilation (tested)."""
+        device = states[0]["applied_lr"].device
+        rates = torch.stack([hd["applied_lr"].to(device=device, dtype=dtype)
+                             for hd in states]).tolist()
+        for group, hd, rate in zip(self.param_groups, states, rates):
+            group["lr"] = rate
+            hd["scheduled_lr"] = rate
 
     def _report_skipped_steps(self, states: list[dict], prepared: list[dict]) -> None:
         """Warn once (RuntimeWarning) when some step's h_t or new α was not finite: how many steps and
@@ -512,9 +542,37 @@ class HDOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ reporting, checkpoints
 
+    def __repr__(self) -> str:
+        """torch.optim's listing of each group's options, headed by the rates HD adapted:
+        α_t (``adapted_lr``), γ_t (``applied_lr``, the last step's rate, also in ``lr``), β_t
+        and the step count. Reads the rate tensors (a device sync off the CPU)."""
+        lines = [f"{type(self).__name__} (hypergrad_scope={self.hypergrad_scope!r}, "
+                 f"scheduler_composition={self.scheduler_composition!r})"]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            hd = group.get("hd_state")
+            if hd is None:
+                lines.append(f"    adapted_lr: {float(group['lr'])!r} (no step yet: lr)")
+            else:
+                lines.append(f"    adapted_lr: {float(hd['lr'])!r} (alpha_t)")
+                lines.append(f"    applied_lr: {float(hd['applied_lr'])!r} (gamma_t, the last "
+                             "step's rate)")
+                lines.append(f"    adapted_hypergrad_lr: {float(hd['hypergrad_lr'])!r} (beta_t)")
+                lines.append(f"    steps: {int(hd['count'])}")
+            for key in sorted(group):
+                if key in ("params", "hd_state"):
+                    continue
+                value = group[key]
+                if key == "transition":
+                    value = getattr(value, "__name__", value)
+                lines.append(f"    {key}: {value}")
+        return "\n".join(lines) + "\n)"
+
     def adapted_lrs(self) -> list[torch.Tensor]:
         """α_t of each group (the rate the next step adapts from); the group's ``lr`` before its
-        first step."""
+        first step. (``param_groups[i]["lr"]`` holds γ_t, the rate the last step applied, which
+        is α_t unless ``final_lr`` is set; docs/optim.md, "Logging the rate and
+        schedulers".)"""
         out = []
         for group in self.param_groups:
             hd = group.get("hd_state")
@@ -666,8 +724,8 @@ class HDOptimizer(Optimizer):
         """This optimizer's state as its torch.optim base optimizer (``MIGRATES_FROM``) saves
         it, with each group's ``lr`` the rate HD reached (γ_t: α_t, or its blend with α_∞ under
         ``final_lr``): ``torch.optim.Adam(...).load_state_dict(adam_hd.to_torch_state_dict())``
-        continues as AdamHD with hypergrad_lr=0 would. (Loading ``state_dict()`` itself into
-        torch's optimizer keeps the scheduled ``lr``, not the adapted α: torch cannot tell.)"""
+        continues as AdamHD with hypergrad_lr=0 would. (``state_dict()``'s ``lr`` is γ_t too,
+        but it carries the HD keys and SGD-HD's direction buffers.)"""
         saved = self.state_dict()
         groups = []
         for group, saved_group in zip(self.param_groups, saved["param_groups"]):

@@ -14,10 +14,16 @@ from typing import Any
 import torch
 
 from hdfunc.base import Rule, Transform, chain, rule_factory, validated
-from hdfunc.directions import (add_decayed_weights, add_l2, identity, nesterov, scale_by_adam)
-from hdfunc.hypergradient import hypergradient, scale_by_lr
+from hdfunc.directions import (WeightDecayMask, add_decayed_weights, add_l2, identity, nesterov,
+                               scale_by_adam)
+from hdfunc.hypergradient import HD_OPTIONS, Schedule, hypergradient, scale_by_lr
 
 Number = float | torch.Tensor
+hd_rule_factory = rule_factory(extra_options=HD_OPTIONS)
+
+
+def _with_mask(hyperparams: dict, mask: WeightDecayMask) -> dict:
+    return hyperparams if mask is None else {**hyperparams, "weight_decay_mask": mask}
 
 
 def _has_decay(weight_decay: Number) -> bool:
@@ -25,40 +31,49 @@ def _has_decay(weight_decay: Number) -> bool:
 
 
 @rule_factory
-def base_rule(direction: Transform, lr: Number, *, weight_decay: Number = 0.0,
-              decoupled_weight_decay: bool = False, name: str | None = None,
-              hyperparams: dict | None = None) -> Rule:
-    """A fixed-rate rule u_t = -α d_t over any base ``direction`` (e.g. ``scale_by_rms()``)."""
-    coupled, direction = _with_decay(direction, weight_decay, decoupled_weight_decay)
+def base_rule(direction: Transform, lr: Number | Schedule, *, weight_decay: Number = 0.0,
+              decoupled_weight_decay: bool = False, weight_decay_mask: WeightDecayMask = None,
+              name: str | None = None, hyperparams: dict | None = None) -> Rule:
+    """A fixed-rate rule u_t = -α d_t over any base ``direction`` (e.g. ``scale_by_rms()``).
+
+    ``lr`` may be a schedule, a callable of the step count (see :func:`hdfunc.scale_by_lr`);
+    ``weight_decay_mask`` (pytree of bools or callable params -> pytree) limits the decay to the
+    tensors marked True (see :func:`hdfunc.add_l2`)."""
+    coupled, direction = _with_decay(direction, weight_decay, decoupled_weight_decay,
+                                     weight_decay_mask)
     name = name or f"{direction.name}"
     return validated(chain(*coupled, direction, scale_by_lr(lr), name=name), name=name,
-                     hyperparams=hyperparams or {"lr": lr, "weight_decay": weight_decay})
+                     hyperparams=_with_mask(hyperparams or {"lr": lr,
+                                                            "weight_decay": weight_decay},
+                                            weight_decay_mask))
 
 
-@rule_factory
+@hd_rule_factory
 def hd_rule(direction: Transform, lr: Number, hypergrad_lr: Number, *,
             weight_decay: Number = 0.0, decoupled_weight_decay: bool = False,
-            name: str | None = None, hyperparams: dict | None = None, **hd_options: Any) -> Rule:
+            weight_decay_mask: WeightDecayMask = None, name: str | None = None,
+            hyperparams: dict | None = None, **hd_options: Any) -> Rule:
     """Hypergradient descent on the learning rate of any base ``direction``: a one-liner for
     RMSprop-HD, Adagrad-HD, Lion-HD, ... ``hd_options`` are those of
     :func:`hdfunc.hypergradient.hypergradient` (``lr_granularity``, ``mode``, ``final_lr``,
     ``transition``, ``hyper_hypergrad_lr``, ``lr_bounds``, ``skip_nonfinite``)."""
-    coupled, direction = _with_decay(direction, weight_decay, decoupled_weight_decay)
+    coupled, direction = _with_decay(direction, weight_decay, decoupled_weight_decay,
+                                     weight_decay_mask)
     name = name or f"{direction.name}_hd"
     core = hypergradient(direction, lr, hypergrad_lr, **hd_options)
     params = hyperparams or {"lr": lr, "hypergrad_lr": hypergrad_lr, "weight_decay": weight_decay}
     return validated(chain(*coupled, core, name=name), name=name,
-                     hyperparams={**params, **hd_options})
+                     hyperparams=_with_mask({**params, **hd_options}, weight_decay_mask))
 
 
-def _with_decay(direction: Transform, weight_decay: Number,
-                decoupled: bool) -> tuple[list[Transform], Transform]:
+def _with_decay(direction: Transform, weight_decay: Number, decoupled: bool,
+                mask: WeightDecayMask = None) -> tuple[list[Transform], Transform]:
     if not _has_decay(weight_decay):
-        add_l2(weight_decay)  # validates the value
+        add_l2(weight_decay, mask)  # validates the values
         return [], direction
     if decoupled:
-        return [], chain(direction, add_decayed_weights(weight_decay), name=direction.name)
-    return [add_l2(weight_decay)], direction
+        return [], chain(direction, add_decayed_weights(weight_decay, mask), name=direction.name)
+    return [add_l2(weight_decay, mask)], direction
 
 
 def _betas(betas: tuple[float, float]) -> tuple[float, float]:
@@ -71,42 +86,48 @@ def _betas(betas: tuple[float, float]) -> tuple[float, float]:
 
 
 @rule_factory
-def sgd(lr: Number, weight_decay: Number = 0.0, *, decoupled_weight_decay: bool = False) -> Rule:
+def sgd(lr: Number | Schedule, weight_decay: Number = 0.0, *,
+        decoupled_weight_decay: bool = False, weight_decay_mask: WeightDecayMask = None) -> Rule:
     """SGD: u_t = -α g_t (Algorithm 1 without HD; torch.optim.SGD)."""
     return base_rule(identity(), lr, weight_decay=weight_decay,
-                     decoupled_weight_decay=decoupled_weight_decay, name="sgd",
+                     decoupled_weight_decay=decoupled_weight_decay,
+                     weight_decay_mask=weight_decay_mask, name="sgd",
                      hyperparams={"lr": lr, "weight_decay": weight_decay})
 
 
-@rule_factory
+@hd_rule_factory
 def sgd_hd(lr: Number, hypergrad_lr: Number, weight_decay: Number = 0.0, *,
-           decoupled_weight_decay: bool = False, **hd_options: Any) -> Rule:
+           decoupled_weight_decay: bool = False,
+           weight_decay_mask: WeightDecayMask = None, **hd_options: Any) -> Rule:
     """SGD-HD (Algorithm 1; Eqs. 2-4): h_t = -g_t·g_{t-1}; α_t = α_{t-1} - β h_t; u_t = -α_t g_t."""
     return hd_rule(identity(), lr, hypergrad_lr, weight_decay=weight_decay,
-                   decoupled_weight_decay=decoupled_weight_decay, name="sgd_hd", **hd_options)
+                   decoupled_weight_decay=decoupled_weight_decay,
+                   weight_decay_mask=weight_decay_mask, name="sgd_hd", **hd_options)
 
 
 # ----------------------------------------------------------------------------- SGD + Nesterov
 
 
 @rule_factory
-def sgdn(lr: Number, momentum: Number = 0.9, weight_decay: Number = 0.0, *,
-         decoupled_weight_decay: bool = False) -> Rule:
+def sgdn(lr: Number | Schedule, momentum: Number = 0.9, weight_decay: Number = 0.0, *,
+         decoupled_weight_decay: bool = False, weight_decay_mask: WeightDecayMask = None) -> Rule:
     """SGD with Nesterov momentum: v_t = μ v_{t-1} + g_t; u_t = -α (g_t + μ v_t)
     (Algorithm 2 without HD; torch.optim.SGD(momentum=μ, nesterov=True))."""
     return base_rule(nesterov(momentum), lr, weight_decay=weight_decay,
-                     decoupled_weight_decay=decoupled_weight_decay, name="sgdn",
+                     decoupled_weight_decay=decoupled_weight_decay,
+                     weight_decay_mask=weight_decay_mask, name="sgdn",
                      hyperparams={"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
 
 
-@rule_factory
+@hd_rule_factory
 def sgdn_hd(lr: Number, hypergrad_lr: Number, momentum: Number = 0.9,
             weight_decay: Number = 0.0, *, decoupled_weight_decay: bool = False,
-            **hd_options: Any) -> Rule:
+            weight_decay_mask: WeightDecayMask = None, **hd_options: Any) -> Rule:
     """SGDN-HD (Algorithm 2): h_t = g_t·∇_α u_{t-1} with ∇_α u_{t-1} = -(g_{t-1} + μ v_{t-1});
     α_t = α_{t-1} - β h_t; v_t = μ v_{t-1} + g_t; u_t = -α_t (g_t + μ v_t)."""
     return hd_rule(nesterov(momentum), lr, hypergrad_lr, weight_decay=weight_decay,
-                   decoupled_weight_decay=decoupled_weight_decay, name="sgdn_hd",
+                   decoupled_weight_decay=decoupled_weight_decay,
+                   weight_decay_mask=weight_decay_mask, name="sgdn_hd",
                    hyperparams={"lr": lr, "hypergrad_lr": hypergrad_lr, "momentum": momentum,
                                 "weight_decay": weight_decay}, **hd_options)
 
@@ -115,9 +136,9 @@ def sgdn_hd(lr: Number, hypergrad_lr: Number, momentum: Number = 0.9,
 
 
 @rule_factory
-def adam(lr: Number, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+def adam(lr: Number | Schedule, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
          weight_decay: Number = 0.0, *, decoupled_weight_decay: bool = False,
-         eps_root: float = 0.0) -> Rule:
+         eps_root: float = 0.0, weight_decay_mask: WeightDecayMask = None) -> Rule:
     """Adam: u_t = -α m̂_t / (√(v̂_t + ε_root) + ε) (Algorithm 3 without HD; torch.optim.Adam, and
     torch.optim.AdamW with ``decoupled_weight_decay=True``).
 
@@ -127,16 +148,17 @@ def adam(lr: Number, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-
     b1, b2 = _betas(betas)
     return base_rule(scale_by_adam(b1, b2, eps, eps_root=eps_root), lr, weight_decay=weight_decay,
                      decoupled_weight_decay=decoupled_weight_decay,
+                     weight_decay_mask=weight_decay_mask,
                      name="adamw" if decoupled_weight_decay else "adam",
                      hyperparams={"lr": lr, "betas": (b1, b2), "eps": eps,
                                   "weight_decay": weight_decay, "eps_root": eps_root})
 
 
-@rule_factory
+@hd_rule_factory
 def adam_hd(lr: Number, hypergrad_lr: Number, betas: tuple[float, float] = (0.9, 0.999),
             eps: float = 1e-8, weight_decay: Number = 0.0, *,
             decoupled_weight_decay: bool = False, eps_root: float = 0.0,
-            **hd_options: Any) -> Rule:
+            weight_decay_mask: WeightDecayMask = None, **hd_options: Any) -> Rule:
     """Adam-HD (Algorithm 3): h_t = g_t·∇_α u_{t-1} with
     ∇_α u_{t-1} = -m̂_{t-1}/(√(v̂_{t-1} + ε_root) + ε) (bias corrections of step t-1, recomputed
     from m_{t-1}, v_{t-1}: no extra buffer); α_t = α_{t-1} - β h_t;
@@ -151,6 +173,7 @@ def adam_hd(lr: Number, hypergrad_lr: Number, betas: tuple[float, float] = (0.9,
     b1, b2 = _betas(betas)
     return hd_rule(scale_by_adam(b1, b2, eps, eps_root=eps_root), lr, hypergrad_lr,
                    weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                   weight_decay_mask=weight_decay_mask,
                    name="adamw_hd" if decoupled_weight_decay else "adam_hd",
                    hyperparams={"lr": lr, "hypergrad_lr": hypergrad_lr, "betas": (b1, b2),
                                 "eps": eps, "weight_decay": weight_decay, "eps_root": eps_root},
@@ -158,21 +181,23 @@ def adam_hd(lr: Number, hypergrad_lr: Number, betas: tuple[float, float] = (0.9,
 
 
 @rule_factory
-def adamw(lr: Number, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-          weight_decay: Number = 1e-2, *, eps_root: float = 0.0) -> Rule:
+def adamw(lr: Number | Schedule, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+          weight_decay: Number = 1e-2, *, eps_root: float = 0.0,
+          weight_decay_mask: WeightDecayMask = None) -> Rule:
     """AdamW (torch.optim.AdamW): Adam with decoupled weight decay (``eps_root`` as in
     :func:`adam`)."""
-    return adam(lr, betas, eps, weight_decay, decoupled_weight_decay=True, eps_root=eps_root)
+    return adam(lr, betas, eps, weight_decay, decoupled_weight_decay=True, eps_root=eps_root,
+                weight_decay_mask=weight_decay_mask)
 
 
-@rule_factory
+@hd_rule_factory
 def adamw_hd(lr: Number, hypergrad_lr: Number, betas: tuple[float, float] = (0.9, 0.999),
              eps: float = 1e-8, weight_decay: Number = 1e-2, *, eps_root: float = 0.0,
-             **hd_options: Any) -> Rule:
+             weight_decay_mask: WeightDecayMask = None, **hd_options: Any) -> Rule:
     """AdamW-HD: Adam-HD with decoupled weight decay, which is part of ∇_α u_t (``eps_root`` as
     in :func:`adam_hd`)."""
     return adam_hd(lr, hypergrad_lr, betas, eps, weight_decay, decoupled_weight_decay=True,
-                   eps_root=eps_root, **hd_options)
+                   eps_root=eps_root, weight_decay_mask=weight_decay_mask, **hd_options)
 
 
 RULES = {"sgd": sgd, "sgd_hd": sgd_hd, "sgdn": sgdn, "sgdn_hd": sgdn_hd, "adam": adam,

@@ -79,3 +79,24 @@ def tree_zeros_like(tree: PyTree) -> PyTree:
 def tree_accumulator_zeros(tree: PyTree) -> PyTree:
     """Zeros like ``tree`` in each leaf's accumulation dtype (float32 for float16/bfloat16)."""
     return tree_map(lambda x: torch.zeros_like(x, dtype=leaf_accumulation_dtype(x)), tree)
+
+
+def mask_leaves(mask: Any, params: PyTree, who: str = "mask") -> list[bool]:
+    """The mask as one Python bool per leaf of ``params`` (in their flattening order).
+
+    ``mask`` is a pytree of bools with the params' structure (dict keys in any order), or a
+    callable ``params -> that pytree`` (e.g. ``lambda ps: {k: p.ndim > 1 for k, p in
+    ps.items()}``). The bools are static choices (not tensors), so a mask is vmap- and
+    compile-safe."""
+    tree = mask(params) if callable(mask) else mask
+    spec = tree_structure(params)
+    try:
+        flat = spec.flatten_up_to(tree)
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"{who} must have the params' tree structure (one bool per tensor), got "
+                         f"{str(tree_structure(tree))[:200]}\n  params: {str(spec)[:200]}"
+                         ) from None
+    for value in flat:
+        if not isinstance(value, bool):
+            raise TypeError(f"{who} leaves must be Python bools, got {type(value).__name__}")
+    return flat

@@ -8,11 +8,41 @@ base rules, ``torch.optim`` and ``vmap``.
     report = verification.run(quick=True)               # the same from Python
 """
 
-from verification.catalog import RuleSpec, all_builtin_specs, builtin_spec, quick_specs, user_spec
-from verification.problems import PROBLEM_NAMES, Problem, make_problem
-from verification.report import Finding, Outcome, Report
-from verification.suite import FULL, QUICK, Plan, run
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Imported on first use (PEP 562), so ``hdfunc verify --help`` starts without importing torch.
+_EXPORTS = {
+    "verification.catalog": ("RuleSpec", "all_builtin_specs", "builtin_spec", "quick_specs",
+                             "user_spec"),
+    "verification.problems": ("PROBLEM_NAMES", "Problem", "make_problem"),
+    "verification.report": ("Finding", "Outcome", "Report"),
+    "verification.suite": ("FULL", "QUICK", "Plan", "run"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = ["FULL", "Finding", "Outcome", "PROBLEM_NAMES", "Plan", "Problem", "QUICK", "Report",
            "RuleSpec", "all_builtin_specs", "builtin_spec", "make_problem", "quick_specs", "run",
            "user_spec"]
+
+if TYPE_CHECKING:
+    from verification.catalog import (RuleSpec, all_builtin_specs, builtin_spec, quick_specs,
+                                      user_spec)
+    from verification.problems import PROBLEM_NAMES, Problem, make_problem
+    from verification.report import Finding, Outcome, Report
+    from verification.suite import FULL, QUICK, Plan, run
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'verification' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -6,14 +6,14 @@ import argparse
 import sys
 from typing import Optional
 
-import torch
+# The problems of verification.problems (tests/test_package.py checks that they agree), spelled
+# out here so that --help answers without importing torch.
+PROBLEM_NAMES = ("quadratic", "logistic", "mlp", "rosenbrock", "tiny_quadratic", "relu_mlp")
 
-from verification.problems import PROBLEM_NAMES
 
-
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "python -m verification") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m verification",
+        prog=prog,
         description="Check every hypergradient hdfunc uses against the exact derivative computed "
                     "by torch.func (reverse mode, forward mode, finite differences), through one "
                     "step, K unrolled steps and the HD updates themselves; certify each whole "
@@ -41,12 +41,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", metavar="PATH", help="write the report as Markdown (for docs/)")
     p.add_argument("--failures-only", action="store_true",
                    help="print only the failing rows of the table")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress report (a bar on a terminal, plain lines otherwise)")
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv: Optional[list[str]] = None, prog: str = "python -m verification") -> int:
+    args = parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+
     from verification.catalog import load_factory, user_spec
     from verification.suite import run
 
@@ -54,19 +57,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
-        print(f"verification: device {device!r} is not available: {error}", file=sys.stderr)
+        print(f"{prog}: device {device!r} is not available: {error}", file=sys.stderr)
         return 2
     try:
         rules = [user_spec(load_factory(t), name=t) for t in args.rule] or None
         report = run(rules, quick=args.quick, only=args.only, problems=args.problems,
                      device=device, dtype=getattr(torch, args.dtype),
-                     progress=not args.no_progress and sys.stderr.isatty(),
+                     progress=not args.no_progress,
                      threads=args.threads)
     except (ValueError, TypeError) as error:
-        print(f"verification: {error}", file=sys.stderr)
+        print(f"{prog}: {error}", file=sys.stderr)
         return 2
 
-    report.meta["command"] = " ".join(["python -m verification"] + list(
+    report.meta["command"] = " ".join([prog] + list(
         sys.argv[1:] if argv is None else argv))
     print(report.table(failures_only=args.failures_only))
     if report.outcomes:

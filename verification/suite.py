@@ -271,8 +271,8 @@ def run(rules: Optional[Iterable[RuleSpec | Callable[[float, float], Any]]] = No
         torch.set_num_threads(threads)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(tasks), desc="verifying", unit="task", leave=False)
+        from hdfunc._progress import progress_bar
+        bar = progress_bar(total=len(tasks), desc="verifying", unit="task", leave=False)
     try:
         for task in tasks:
             if bar is not None:

@@ -3,16 +3,48 @@
     from hdfunc.studies import StudyConfig, run_study, print_summary
     results = run_study(StudyConfig(problem="classification", steps=200, seeds=8))
     print_summary(results)
+
+The names below are imported on first use (PEP 562), so ``hdfunc study --help`` starts without
+importing torch.
 """
 
-from hdfunc.studies.config import (PAPER_BETA, OptimizerSpec, RunKey, StudyConfig, demo_config,
-                                     parse_optimizer)
-from hdfunc.studies.engine import BatchedTrainer, minibatch_indices, run_study
-from hdfunc.studies.problems import PROBLEMS, Problem, make_problem
-from hdfunc.studies.results import RunSummary, StudyResults, load_results, print_summary
-from hdfunc.studies.storage import StudyDamagedError, StudyError
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "hdfunc.studies.config": ("PAPER_BETA", "OptimizerSpec", "RunKey", "StudyConfig",
+                              "demo_config", "parse_optimizer"),
+    "hdfunc.studies.engine": ("BatchedTrainer", "minibatch_indices", "run_study"),
+    "hdfunc.studies.problems": ("PROBLEMS", "Problem", "make_problem"),
+    "hdfunc.studies.results": ("RunSummary", "StudyResults", "load_results", "print_summary"),
+    "hdfunc.studies.storage": ("StudyDamagedError", "StudyError"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = ["BatchedTrainer", "OptimizerSpec", "PAPER_BETA", "PROBLEMS", "Problem", "RunKey",
            "RunSummary", "StudyConfig", "StudyDamagedError", "StudyError", "StudyResults",
            "demo_config", "load_results", "make_problem", "minibatch_indices", "parse_optimizer",
            "print_summary", "run_study"]
+
+if TYPE_CHECKING:
+    from hdfunc.studies.config import (PAPER_BETA, OptimizerSpec, RunKey, StudyConfig,
+                                       demo_config, parse_optimizer)
+    from hdfunc.studies.engine import BatchedTrainer, minibatch_indices, run_study
+    from hdfunc.studies.problems import PROBLEMS, Problem, make_problem
+    from hdfunc.studies.results import RunSummary, StudyResults, load_results, print_summary
+    from hdfunc.studies.storage import StudyDamagedError, StudyError
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hdfunc.studies' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

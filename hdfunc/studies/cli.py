@@ -17,13 +17,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from hdfunc.studies.config import StudyConfig, log_grid, parse_optimizer
-from hdfunc.studies.problems import PROBLEMS
+# The problems of hdfunc.studies.problems.PROBLEMS (tests/test_package.py checks that they agree),
+# spelled out so that --help answers without importing torch; the study modules are imported
+# after the arguments are parsed.
+PROBLEM_NAMES = ("classification", "logreg", "mlp", "quadratic", "vgg")
 
 
 def _floats(text: str) -> list[float]:
     """``1e-1,1e-2`` or a log-spaced grid ``1e-6:1e-1:6``."""
     if ":" in text:
+        from hdfunc.studies.config import log_grid
         try:
             return log_grid(text)
         except ValueError as error:
@@ -61,6 +64,7 @@ def _seeds(text: str) -> Any:
 
 
 def _optimizers(text: str) -> list[str]:
+    from hdfunc.studies.config import parse_optimizer
     names = [x.strip() for x in text.split(",") if x.strip()]
     for name in names:
         try:
@@ -78,18 +82,20 @@ def _option(text: str) -> tuple[str, Any]:
     return key.strip(), _parse_value(value.strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "hdfunc study") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hdfunc study", description="Batched multi-seed optimizer studies with torch.func.vmap "
+        prog=prog, description="Batched multi-seed optimizer studies with torch.func.vmap "
         "(Baydin et al. 2018 settings by default: batch 128, weight decay 1e-4, momentum 0.9, "
         "beta 1e-3 for SGD-HD/SGDN-HD and 1e-7 for Adam-HD).")
     parser.add_argument("--config", type=Path, help="a TOML study file (options below override it)")
     parser.add_argument("--out", type=Path, help="output folder (CSV, summary JSON, plots)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted study in --out")
-    parser.add_argument("--problem", choices=sorted(PROBLEMS), help="what to train")
+    parser.add_argument("--problem", choices=PROBLEM_NAMES, help="what to train")
     parser.add_argument("--problem-option", "-P", type=_option, action="append", default=[],
                         metavar="KEY=VALUE", help="problem option, e.g. -P hidden=100 -P data_dir=...")
-    parser.add_argument("--data-dir", help="dataset folder (same as -P data_dir=...)")
+    parser.add_argument("--data-dir", help="dataset folder, relative to the working directory (same "
+                        "as -P data_dir=...; default: $HDFUNC_MNIST_DIR, else data/mnist or "
+                        "../shared/data/mnist from the working directory)")
     parser.add_argument("--optimizers", type=_optimizers,
                         help="comma-separated rules, e.g. sgd,sgd_hd,adam,adam_hd or "
                              "sgd_hd:mode=multiplicative")
@@ -113,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: by time)")
     parser.add_argument("--name", help="study name shown in plots")
     parser.add_argument("--no-plots", action="store_true", help="skip the figures")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress report (a bar on a "
+                        "terminal, plain periodic lines when stderr is redirected)")
     return parser
 
 
@@ -122,7 +129,9 @@ FIELDS = ("problem", "optimizers", "lr0", "beta", "seeds", "steps", "epochs", "b
           "checkpoint_every", "name")
 
 
-def config_from_args(args: argparse.Namespace) -> StudyConfig:
+def config_from_args(args: argparse.Namespace) -> "StudyConfig":
+    from hdfunc.studies.config import StudyConfig
+
     overrides = {f: getattr(args, f) for f in FIELDS if getattr(args, f) is not None}
     if args.steps is not None:
         overrides["epochs"] = None
@@ -130,6 +139,12 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         overrides["steps"] = None
     if args.config is not None:
         base = StudyConfig.from_toml(args.config).to_dict()
+        file_options = dict(base.get("problem_options") or {})
+        if file_options.get("data_dir"):  # a study file's relative folder: from the file's folder
+            from hdfunc.studies.data import resolve_data_dir
+            file_options["data_dir"] = str(resolve_data_dir(file_options["data_dir"],
+                                                            relative_to=args.config.parent))
+            base["problem_options"] = file_options
     else:
         base = {}
         if "steps" not in overrides and "epochs" not in overrides:
@@ -150,8 +165,8 @@ def fail(message: Any) -> int:
     return 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "hdfunc study") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.resume and args.out is None:
         parser.error("--resume needs --out (the folder of the study to continue)")
@@ -178,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, config)
 
 
-def run(args: argparse.Namespace, config: StudyConfig) -> int:
+def run(args: argparse.Namespace, config: "StudyConfig") -> int:
     """Run the study of ``args``; errors end with one line and status 2."""
     from hdfunc.studies.data import DatasetError
     try:

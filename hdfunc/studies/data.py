@@ -4,9 +4,17 @@ Both are returned as in-memory tensors ``(inputs, labels)`` normalised as in the
 code (torchvision ``ToTensor`` then ``Normalize`` with the usual per-channel mean and std), so a
 whole study indexes minibatches out of one tensor on its device.
 
-The MNIST folder defaults to ``../shared/data/mnist`` next to the repository (the 10k MNIST *test*
-images are there in this workspace), overridable with the environment variable
-``HDFUNC_MNIST_DIR`` or an explicit ``data_dir``. CIFAR-10 defaults to ``HDFUNC_CIFAR10_DIR``.
+Where the data are looked for, first match wins (docs/studies.md, "Data"):
+
+1. an explicit ``data_dir`` (argument, ``--data-dir``, ``-P data_dir=...``), relative to the
+   working directory; in a study file (``hdfunc study --config``), relative to that file's folder;
+2. the environment variable ``HDFUNC_MNIST_DIR`` (``HDFUNC_CIFAR10_DIR``), relative to the
+   working directory;
+3. ``data/mnist`` (``data/cifar10``) in the working directory, then ``../shared/data/mnist``
+   (``../shared/data/cifar10``) beside it (this workspace's layout, where the 10k MNIST *test*
+   images are).
+
+Never relative to where hdfunc is installed.
 """
 
 from __future__ import annotations
@@ -50,25 +58,45 @@ class Dataset:
         return int(self.labels.shape[0])
 
 
-def repository_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+def resolve_data_dir(path: str | Path, relative_to: str | Path | None = None) -> Path:
+    """``path`` with ``~`` expanded; a relative one is taken from ``relative_to`` (e.g. a study
+    file's folder) or, when that is None, left relative to the working directory."""
+    folder = Path(path).expanduser()
+    if relative_to is not None and not folder.is_absolute():
+        folder = Path(relative_to) / folder
+    return folder
+
+
+def default_data_dirs(name: str) -> list[Path]:
+    """The folders tried, in order, when no ``data_dir`` is given for dataset ``name``
+    ("mnist" or "cifar10"): ``$HDFUNC_<NAME>_DIR`` if set (and then only it), else
+    ``data/<name>`` and ``../shared/data/<name>`` from the working directory."""
+    env = os.environ.get(f"HDFUNC_{name.upper()}_DIR")
+    if env:
+        return [resolve_data_dir(env)]
+    return [Path("data") / name, Path("..") / "shared" / "data" / name]
+
+
+def _default_dir(name: str) -> Path:
+    candidates = default_data_dirs(name)
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def default_mnist_dir() -> Path:
-    """``$HDFUNC_MNIST_DIR``, else ``../shared/data/mnist`` relative to the repository root."""
-    env = os.environ.get("HDFUNC_MNIST_DIR")
-    return Path(env) if env else repository_root().parent / "shared" / "data" / "mnist"
+    """The MNIST folder used when none is given: ``$HDFUNC_MNIST_DIR``, else the first of
+    ``data/mnist`` and ``../shared/data/mnist`` (from the working directory) that exists."""
+    return _default_dir("mnist")
 
 
 def default_cifar10_dir() -> Path:
-    """``$HDFUNC_CIFAR10_DIR``, else ``../shared/data/cifar10`` relative to the repository root."""
-    env = os.environ.get("HDFUNC_CIFAR10_DIR")
-    return Path(env) if env else repository_root().parent / "shared" / "data" / "cifar10"
+    """``$HDFUNC_CIFAR10_DIR``, else the first of ``data/cifar10`` and ``../shared/data/cifar10``
+    (from the working directory) that exists."""
+    return _default_dir("cifar10")
 
 
 def mnist_available(data_dir: str | Path | None = None) -> bool:
     """Whether a readable pair of MNIST IDX files exists in ``data_dir`` (default folder if None)."""
-    folder = Path(data_dir) if data_dir is not None else default_mnist_dir()
+    folder = resolve_data_dir(data_dir) if data_dir is not None else default_mnist_dir()
     return any(_find(folder, images) and _find(folder, labels)
                for images, labels in MNIST_FILES.values())
 
@@ -114,7 +142,7 @@ def load_mnist(data_dir: str | Path | None = None, split: str = "auto",
     With ``download=True`` and torchvision installed, missing files are downloaded first."""
     if split not in ("auto", "train", "test"):
         raise ValueError(f"split must be 'auto', 'train' or 'test', got {split!r}")
-    folder = Path(data_dir) if data_dir is not None else default_mnist_dir()
+    folder = resolve_data_dir(data_dir) if data_dir is not None else default_mnist_dir()
     if download:
         _torchvision_download("MNIST", folder, train=split != "test")
         raw = folder / "MNIST" / "raw"
@@ -135,7 +163,9 @@ def load_mnist(data_dir: str | Path | None = None, split: str = "auto",
         return Dataset(inputs, torch.from_numpy(labels.astype(np.int64)), f"mnist-{name}",
                        f"MNIST {name} split, {images.shape[0]} images from {images_path}")
     wanted = " or ".join(f"{MNIST_FILES[s][0]}[.gz] + {MNIST_FILES[s][1]}[.gz]" for s in splits)
-    raise DatasetError(f"MNIST not found: looked for {wanted} in {folder.resolve()} "
+    where = (str(folder.resolve()) if data_dir is not None else
+             " or ".join(str(c.resolve()) for c in default_data_dirs("mnist")))
+    raise DatasetError(f"MNIST not found: looked for {wanted} in {where} "
                        f"(set data_dir, --data-dir or HDFUNC_MNIST_DIR to the folder holding them)")
 
 
@@ -149,7 +179,7 @@ def load_cifar10(data_dir: str | Path | None = None, split: str = "train",
     batches or its parent holding ``cifar-10-batches-py``."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    folder = Path(data_dir) if data_dir is not None else default_cifar10_dir()
+    folder = resolve_data_dir(data_dir) if data_dir is not None else default_cifar10_dir()
     if download:
         _torchvision_download("CIFAR10", folder, train=split == "train")
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]

@@ -360,9 +360,9 @@ def run_study(config: StudyConfig, out_dir: str | Path | None = None, *, resume:
     todo = [c for c in chunks if not sink.is_done(c.id)]
     bar = outer = None
     if progress:
-        from tqdm.auto import tqdm
-        outer = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc="chunks", unit="chunk")
-        bar = tqdm(total=1, desc="steps", unit="step", leave=False)
+        from hdfunc._progress import progress_bar
+        outer = progress_bar(total=len(chunks), initial=len(chunks) - len(todo), desc="chunks", unit="chunk")
+        bar = progress_bar(total=1, desc="steps", unit="step", leave=False)
     trainers: dict[str, BatchedTrainer] = {}
     threads = torch.get_num_threads()
     if config.threads is not None:

@@ -1,0 +1,332 @@
+"""hdfunc.hyperdescent: HD on any hyperparameter by forward mode (issue 12, first slice).
+
+The analytic HD rules are reproduced to rounding, and every carried tangent / hypergradient of a
+non-lr hyperparameter is checked against reverse-mode autodiff and finite differences of the
+frozen previous step (the greedy one-step definition)."""
+
+import functools
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import grad, jacrev, vmap
+
+import hdfunc
+from hdfunc.hyperdescent import PROBABILITY_HIGH, hyperdescent, parse_name
+from hdfunc.tree import tree_leaves, tree_map, tree_stack
+from verification.problems import make_problem, perturbed_params
+
+
+def run(rule, problem, steps, params=None):
+    """[(params before step, state before step, grads)] and the final (params, state)."""
+    params = problem.params if params is None else params
+    state = rule.init(params)
+    history = []
+    for _ in range(steps):
+        g = grad(problem.loss)(params)
+        history.append((params, state, g))
+        u, state = rule.update(g, state, params)
+        params = hdfunc.apply_updates(params, u)
+    history.append((params, state, None))
+    return history
+
+
+def max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(tree_leaves(a), tree_leaves(b)))
+
+
+ANALYTIC = [
+    (hdfunc.sgd, hdfunc.sgd_hd, {}, 1e-3),
+    (hdfunc.sgdn, hdfunc.sgdn_hd, {"momentum": 0.9}, 1e-3),
+    (hdfunc.adam, hdfunc.adam_hd, {"betas": (0.9, 0.999)}, 1e-4),
+    (hdfunc.adamw, hdfunc.adamw_hd, {"weight_decay": 0.1}, 1e-4),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", ["additive", "multiplicative"])
+@pytest.mark.parametrize("problem_name", ["quadratic", "mlp"])
+@pytest.mark.parametrize("base,analytic,options,beta", ANALYTIC,
+                         ids=[a[0].__name__ for a in ANALYTIC])
+def test_reproduces_analytic_hd_rule(base, analytic, options, beta, problem_name, mode, dtype):
+    """hyperdescent(base, {"lr": β}) is the analytic <base>_hd: params and α agree to rounding
+    (on CPU in fact bit for bit) over 20 steps, since ∂u_{t-1}/∂α = -d_{t-1} exactly."""
+    problem = make_problem(problem_name, dtype=dtype)
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    beta = 0.02 if mode == "multiplicative" else beta
+    ours = run(hyperdescent(base, {"lr": beta}, mode=mode, lr=0.02, **options), problem, 20)
+    theirs = run(analytic(lr=0.02, hypergrad_lr=beta, mode=mode, **options), problem, 20)
+    alphas = []
+    for (p1, s1, _), (p2, s2, _) in zip(ours[1:], theirs[1:]):
+        assert max_diff(p1, p2) <= tol * (1 + max(p.abs().max().item() for p in
+                                                  tree_leaves(p2)))
+        assert abs(s1.hyperparams["lr"].item() - hdfunc.get_lr(s2).item()) <= tol * 0.02
+        alphas.append(s1.hyperparams["lr"].item())
+    assert alphas[-1] != 0.02  # α was adapted
+    assert ours[-1][1].count.item() == 20 and ours[-1][1].skipped.item() == 0
+
+
+@pytest.mark.parametrize("base,analytic,options,extra", [
+    (hdfunc.sgdn, hdfunc.sgdn_hd, {"momentum": 0.9}, {"momentum": 0.0}),
+    (hdfunc.adam, hdfunc.adam_hd, {}, {"betas[0]": 0.0, "betas[1]": 0.0, "eps": 0.0}),
+])
+def test_several_hyperparameters_share_one_primal_step(base, analytic, options, extra):
+    """With several adapted hyperparameters (tangents batched by jacfwd), a zero rate on all but
+    α still reproduces the analytic rule: the step is the primal of the batched pass."""
+    problem = make_problem("mlp")
+    ours = run(hyperdescent(base, {"lr": 1e-3, **extra}, lr=0.02, **options), problem, 15)
+    theirs = run(analytic(lr=0.02, hypergrad_lr=1e-3, **options), problem, 15)
+    for (p1, s1, _), (p2, s2, _) in zip(ours[1:], theirs[1:]):
+        assert max_diff(p1, p2) <= 1e-13
+        assert abs(s1.hyperparams["lr"].item() - hdfunc.get_lr(s2).item()) <= 1e-15
+    assert set(ours[-1][1].tangents) == {"lr", *extra}
+
+
+def test_zero_hypergrad_lr_is_the_base_rule():
+    problem = make_problem("mlp")
+    ours = run(hyperdescent(hdfunc.adam, {"betas[0]": 0.0, "lr": 0.0}, lr=0.01), problem, 10)
+    theirs = run(hdfunc.adam(lr=0.01), problem, 10)
+    assert max_diff(ours[-1][0], theirs[-1][0]) <= 1e-14
+
+
+# ----------------------------------------------------------------------------- the oracle
+
+
+def frozen_step(factory, values, base_state, g, params, fixed):
+    """u_{t-1}(λ): the base rule's update at the hyperparameters ``values`` from the frozen state
+    of step t-2 (α written into its fixed-rate state, as freeze_lr does), built independently of
+    hdfunc.hyperdescent's own plumbing."""
+    kwargs = dict(fixed)
+    for name, value in values.items():
+        key, index = parse_name(name)
+        if index is None:
+            kwargs[key] = value
+        else:
+            members = list(kwargs[key])
+            members[index] = value
+            kwargs[key] = tuple(members)
+    if "lr" in values:
+        base_state = hdfunc.freeze_lr(base_state, values["lr"])
+    u, _ = factory(**kwargs).update(g, base_state, params)
+    return u
+
+
+ORACLE_CASES = [
+    (hdfunc.sgdn, {"momentum": 1e-3}, {"lr": 0.02, "momentum": 0.9}),
+    (hdfunc.sgdn, {"lr": 1e-3, "momentum": 1e-3}, {"lr": 0.02, "momentum": 0.8}),
+    (hdfunc.adam, {"betas[0]": 1e-3}, {"lr": 0.01, "betas": (0.9, 0.999)}),
+    (hdfunc.adam, {"lr": 1e-4, "betas[0]": 1e-3, "betas[1]": 1e-3},
+     {"lr": 0.01, "betas": (0.8, 0.99)}),
+    (hdfunc.adamw, {"weight_decay": 1e-2}, {"lr": 0.01, "weight_decay": 0.1}),
+    (hdfunc.sgd, {"weight_decay": 1e-2}, {"lr": 0.02, "weight_decay": 0.05}),
+]
+
+
+@pytest.mark.parametrize("factory,rates,fixed", ORACLE_CASES,
+                         ids=[f"{c[0].__name__}-{'+'.join(c[1])}" for c in ORACLE_CASES])
+def test_tangents_and_hypergradients_match_autodiff(factory, rates, fixed):
+    """At every step: the carried ∂u_{t-1}/∂λ equals reverse-mode autodiff of the frozen step
+    u_{t-1}(λ) at λ_{t-1}, and h_λ,t equals d/dλ f(θ_{t-2} + u_{t-1}(λ)) (reverse mode, and
+    central finite differences)."""
+    problem = make_problem("mlp")
+    history = run(hyperdescent(factory, rates, **fixed), problem, 8)
+    names = list(rates)
+    for k in range(len(history) - 2):
+        params, state, g = history[k]  # θ_{t-2}, state before step t-1, g_{t-1}
+        after = history[k + 1][1]  # state after step t-1: λ_{t-1}, ∂u_{t-1}/∂λ
+        following = history[k + 2][1]  # state after step t: h_λ,t
+        values = dict(after.hyperparams)
+
+        def u_of(*lams):
+            return frozen_step(factory, dict(zip(names, lams)), state.base, g, params, fixed)
+
+        primals = tuple(values[n] for n in names)
+        for i, name in enumerate(names):
+            expected = jacrev(u_of, argnums=i)(*primals)  # reverse mode
+            got = after.tangents[name]
+            scale = max(x.abs().max().item() for x in tree_leaves(expected))
+            # (Adam's first step: ∂u_1/∂β1 = 0 exactly, both sides give rounding noise ~1e-17)
+            assert max_diff(got, expected) <= 1e-10 * scale + 1e-15, (k, name)
+
+        def loss_at(*lams):
+            return problem.loss(hdfunc.apply_updates(params, u_of(*lams)))
+
+        exact = grad(loss_at, argnums=tuple(range(len(names))))(*primals)
+        for i, name in enumerate(names):
+            h = following.hypergrad[name].item()
+            assert abs(h - exact[i].item()) <= 1e-9 * abs(exact[i].item()) + 1e-15, (k, name)
+            eps = 1e-6
+            plus = list(primals)
+            minus = list(primals)
+            plus[i] = primals[i] + eps
+            minus[i] = primals[i] - eps
+            fd = (loss_at(*plus) - loss_at(*minus)).item() / (2 * eps)
+            assert abs(h - fd) <= 1e-5 * abs(h) + 1e-10, (k, name, h, fd)
+
+
+def test_rate_law_is_applied_to_the_hypergradient():
+    """λ_t = clamp(λ_{t-1} - β h_λ,t) with the h the state reports."""
+    problem = make_problem("mlp")
+    history = run(hyperdescent(hdfunc.sgdn, {"momentum": 1e-2, "lr": 1e-3}, lr=0.02,
+                               momentum=0.5), problem, 6)
+    for (_, before, _), (_, after, _) in zip(history[:-1], history[1:]):
+        for name, beta in (("momentum", 1e-2), ("lr", 1e-3)):
+            expected = before.hyperparams[name] - beta * after.hypergrad[name]
+            assert torch.equal(after.hyperparams[name], expected.clamp(min=0)
+                               if name == "lr" else expected.clamp(0, PROBABILITY_HIGH))
+    assert history[-1][1].hyperparams["momentum"].item() != 0.5
+
+
+# ----------------------------------------------------------------------------- guards
+
+
+def test_projections_keep_hyperparameters_in_range():
+    problem = make_problem("mlp")
+    wild = run(hyperdescent(hdfunc.sgdn, {"momentum": 1e6}, lr=0.02, momentum=0.5), problem, 8)
+    momenta = [s.hyperparams["momentum"].item() for _, s, _ in wild]
+    assert all(0.0 <= m <= PROBABILITY_HIGH for m in momenta)
+    assert {0.0, PROBABILITY_HIGH} & set(momenta)  # a bound was hit
+    free = run(hyperdescent(hdfunc.sgdn, {"momentum": 1e6}, bounds={"momentum": (None, None)},
+                            lr=0.02, momentum=0.5), problem, 8)
+    assert any(not 0.0 <= s.hyperparams["momentum"].item() < 1 for _, s, _ in free)
+    lr = run(hyperdescent(hdfunc.sgd, {"lr": 1e6}, lr=0.02), problem, 5)
+    assert all(s.hyperparams["lr"].item() >= 0 for _, s, _ in lr)
+    free = run(hyperdescent(hdfunc.sgd, {"lr": 1e6}, bounds={"lr": (None, None)}, lr=0.02),
+               problem, 5)
+    assert any(s.hyperparams["lr"].item() < 0 for _, s, _ in free)  # the paper's unbounded α
+
+
+def test_nonfinite_hypergradient_is_skipped_and_counted():
+    problem = make_problem("quadratic")
+    rule = hyperdescent(hdfunc.sgdn, {"lr": 1e-3, "momentum": 1e-3}, lr=0.02, momentum=0.9)
+    params = problem.params
+    state = rule.init(params)
+    g = grad(problem.loss)(params)
+    _, state = rule.update(g, state, params)
+    bad = tree_map(lambda x: torch.full_like(x, float("inf")), g)
+    _, after = rule.update(bad, state, params)
+    assert after.skipped.item() == 1
+    for name in ("lr", "momentum"):
+        assert torch.equal(after.hyperparams[name], state.hyperparams[name])
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_vmap_over_seeds_matches_a_loop():
+    problem = make_problem("mlp")
+    rule = hyperdescent(hdfunc.adam, {"lr": 1e-4, "betas[0]": 1e-3}, lr=0.01)
+    starts = [perturbed_params(problem, 0.1, seed) for seed in range(3)]
+
+    def train(params):
+        state = rule.init(params)
+        for _ in range(4):
+            g = grad(problem.loss)(params)
+            u, state = rule.update(g, state, params)
+            params = hdfunc.apply_updates(params, u)
+        return params, state.hyperparams
+
+    batched_params, batched_hyper = vmap(train)(tree_stack(starts))
+    for i, start in enumerate(starts):
+        p, hyper = train(start)
+        assert max_diff(tree_map(lambda x: x[i], batched_params), p) <= 1e-12
+        for name in hyper:
+            assert abs(batched_hyper[name][i].item() - hyper[name].item()) <= 1e-12
+
+
+def test_torch_compile_matches_eager():
+    problem = make_problem("quadratic")
+    rule = hyperdescent(hdfunc.sgdn, {"lr": 1e-3, "momentum": 1e-3}, lr=0.02)
+    params = problem.params
+    state = rule.init(params)
+    g = grad(problem.loss)(params)
+    _, state = rule.update(g, state, params)
+    compiled = torch.compile(rule.update, backend="aot_eager", fullgraph=False)
+    got = compiled(g, state, params)
+    want = rule.update(g, state, params)
+    assert max_diff(got, want) <= 1e-12
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("rates,options,message", [
+    ({}, {}, "non-empty"),
+    ({"betas[2]": 1e-3}, {}, "no member 2"),
+    ({"beta1": 1e-3}, {}, "no starting value"),
+    ({"lr[": 1e-3}, {}, "cannot read"),
+    ({"lr": -1.0}, {}, "hypergrad_lr"),
+    ({"lr": 1e-3}, {"bounds": {"momentum": (0, 1)}}, "not adapted"),
+    ({"lr": 1e-3}, {"mode": "exp"}, "mode"),
+])
+def test_bad_arguments_are_refused(rates, options, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        hyperdescent(hdfunc.adam, rates, lr=0.01, **options)
+
+
+def test_factory_errors_name_the_value():
+    with pytest.raises(ValueError, match="momentum"):
+        hyperdescent(hdfunc.sgdn, {"momentum": 1e-3}, lr=0.1, momentum=1.5)
+
+
+def test_user_factory_and_partial():
+    """A user's factory built on base_rule, adapting a hyperparameter of its direction."""
+    def rms(lr, decay=0.9, eps=1e-8):
+        return hdfunc.base_rule(hdfunc.scale_by_rms(decay, eps), lr, name="rms")
+
+    problem = make_problem("mlp")
+    history = run(hyperdescent(rms, {"decay": 1e-3, "lr": 1e-4}, lr=1e-3), problem, 5)
+    assert history[-1][1].hyperparams["decay"].item() != 0.9
+    frozen = functools.partial(hdfunc.sgdn, momentum=0.5)
+    history = run(hyperdescent(frozen, {"lr": 1e-3}, lr=0.02), problem, 3)
+    assert history[-1][1].count.item() == 3
+
+
+def test_docs_example_runs(capsys):
+    """docs/hyperdescent.md: its Python blocks run as written and print the adapted values."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "hyperdescent.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    namespace: dict = {"__name__": "__docs__"}
+    for block in blocks:
+        exec(compile(block, "hyperdescent.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "'momentum':" in out and "loss 7.0e-14" in out and "loss 1.2e-04" in out
+
+
+def test_adapting_weight_decay_from_zero_reads_params():
+    rule = hyperdescent(hdfunc.sgd, {"weight_decay": 1e-2}, lr=0.02, weight_decay=0.0)
+    assert rule.needs_params
+    problem = make_problem("quadratic")
+    state = rule.init(problem.params)
+    with pytest.raises(ValueError, match="needs params"):
+        rule.update(grad(problem.loss)(problem.params), state)
+    history = run(rule, problem, 4)
+    assert history[-1][1].skipped.item() == 0
+
+
+def test_vmap_over_a_grid_of_hypergradient_rates():
+    """β_λ lives in the state: one update function serves a grid of rates (stacked states)."""
+    problem = make_problem("mlp")
+    rule = hyperdescent(hdfunc.sgdn, {"lr": 1e-3, "momentum": 1e-3}, lr=0.02, momentum=0.8)
+    grid = [(0.0, 0.0), (1e-3, 1e-2), (1e-2, 1e-3)]
+    params = problem.params
+    states = [rule.init(params)._replace(hypergrad_lr={
+        "lr": torch.tensor(a, dtype=torch.float64), "momentum": torch.tensor(m, dtype=torch.float64)})
+        for a, m in grid]
+
+    def train(state):
+        p = params
+        for _ in range(4):
+            g = grad(problem.loss)(p)
+            u, state = rule.update(g, state, p)
+            p = hdfunc.apply_updates(p, u)
+        return p, state.hyperparams
+
+    batched_params, batched_hyper = vmap(train)(tree_stack(states))
+    for i, (a, m) in enumerate(grid):
+        p, hyper = train(states[i])
+        assert max_diff(tree_map(lambda x: x[i], batched_params), p) <= 1e-12
+        for name in hyper:
+            assert abs(batched_hyper[name][i].item() - hyper[name].item()) <= 1e-12
