@@ -34,7 +34,6 @@ the adapted rate back to it (docs/optim.md).
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from typing import Any, Callable, Iterable, Literal, Optional
 
@@ -44,7 +43,7 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam as torch_adam
 from torch.optim.sgd import sgd as torch_sgd
 
-from hdfunc.base import check_hyperparameter
+from hdfunc.base import check_hyperparameter, check_lr_bounds
 from hdfunc.directions import identity
 from hdfunc.hypergradient import (MODES, HDConfig, HDState, adapt_rates, hypergradient,
                                   inverse_square)
@@ -125,13 +124,11 @@ def _underflow_bound(dtype: torch.dtype) -> float:
 
 def _check_finite(name: str, value: Any, group: Optional[dict] = None, *, low: float = 0.0,
                  high: float = math.inf, high_inclusive: bool = True) -> None:
-    """A finite Python real number in [low, high]: the core's check, plus finiteness (an
-    optimizer's options are plain numbers; inf gives NaN parameters or α two steps later)."""
+    """A finite Python real number in [low, high]: the core's check (which refuses inf and nan),
+    for plain numbers only (an optimizer's options are not tensors)."""
     if isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a Python number for an HD optimizer, got a Tensor")
     check_hyperparameter(name, value, low=low, high=high, high_inclusive=high_inclusive)
-    if not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be finite, got {value}")
 
 
 def _check_lr(name: str, value: Any, group: Optional[dict] = None) -> None:
@@ -147,23 +144,9 @@ def _check_optional_rate(name: str, value: Any, group: Optional[dict] = None) ->
 
 
 def _check_bounds(name: str, value: Any, group: Optional[dict] = None) -> None:
-    """None, or a pair (low, high) of finite numbers or None (no bound), with low <= high."""
-    if value is None:
-        return
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"{name} must be None or a pair (low, high), got {value!r}")
-    for which, bound in zip(("low", "high"), value):
-        if bound is None:
-            continue
-        if isinstance(bound, bool) or not isinstance(bound, numbers.Real):
-            raise TypeError(f"{name}: the {which} bound must be a real number or None, got "
-                            f"{bound!r}")
-        if not math.isfinite(bound):
-            raise ValueError(f"{name}: the {which} bound must be finite (None for no bound), "
-                             f"got {bound}")
-    low, high = value
-    if low is not None and high is not None and low > high:
-        raise ValueError(f"{name} must have low <= high, got {tuple(value)}")
+    """None, or a pair (low, high) of finite numbers or None (no bound), with low <= high: the
+    core's check (the only key it is registered for is ``lr_bounds``)."""
+    check_lr_bounds(value)
 
 
 def _check_mode(name: str, value: Any, group: Optional[dict] = None) -> None:

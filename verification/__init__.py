@@ -10,8 +10,9 @@ base rules, ``torch.optim`` and ``vmap``.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hdfunc._lazy import lazy_exports
 
 # Imported on first use (PEP 562), so ``hdfunc verify --help`` starts without importing torch.
 _EXPORTS = {
@@ -21,7 +22,7 @@ _EXPORTS = {
     "verification.report": ("Finding", "Outcome", "Report"),
     "verification.suite": ("FULL", "QUICK", "Plan", "run"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_WHERE, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = ["FULL", "Finding", "Outcome", "PROBLEM_NAMES", "Plan", "Problem", "QUICK", "Report",
            "RuleSpec", "all_builtin_specs", "builtin_spec", "make_problem", "quick_specs", "run",
@@ -34,15 +35,3 @@ if TYPE_CHECKING:
     from verification.report import Finding, Outcome, Report
     from verification.suite import FULL, QUICK, Plan, run
 
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'verification' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))

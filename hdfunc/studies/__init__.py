@@ -10,8 +10,9 @@ importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hdfunc._lazy import lazy_exports
 
 _EXPORTS = {
     "hdfunc.studies.config": ("PAPER_BETA", "OptimizerSpec", "RunKey", "StudyConfig",
@@ -21,7 +22,7 @@ _EXPORTS = {
     "hdfunc.studies.results": ("RunSummary", "StudyResults", "load_results", "print_summary"),
     "hdfunc.studies.storage": ("StudyDamagedError", "StudyError"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_WHERE, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = ["BatchedTrainer", "OptimizerSpec", "PAPER_BETA", "PROBLEMS", "Problem", "RunKey",
            "RunSummary", "StudyConfig", "StudyDamagedError", "StudyError", "StudyResults",
@@ -36,15 +37,3 @@ if TYPE_CHECKING:
     from hdfunc.studies.results import RunSummary, StudyResults, load_results, print_summary
     from hdfunc.studies.storage import StudyDamagedError, StudyError
 
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'hdfunc.studies' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
