@@ -69,7 +69,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
             if torch.is_tensor(value):
                 total += value.numel() * value.element_size()
     for group in optimizer.param_groups:
-        for value in group.get("hd_state", {}).values():
+        for value in group.get("hd_state", ()):  # an hdfunc.HDState
             if torch.is_tensor(value):
                 total += value.numel() * value.element_size()
     return total

@@ -76,7 +76,8 @@ def measure(mode: str, problem_name: str, optimizer: str, seeds: int, steps: int
         runs = []
         for key in keys:
             params = {k: v.to(device) for k, v in problem.init_params(key.seed).items()}
-            order = minibatch_indices(key.seed, 0, steps + 1, problem.num_examples, 128).to(device)
+            order = [i.to(device) for i in
+                     minibatch_indices(key.seed, 0, steps + 1, problem.num_examples, 128)]
             runs.append((params, rule.init(params), order))
         baseline = rss_kib("VmRSS")
         if cuda:
@@ -93,30 +94,22 @@ def measure(mode: str, problem_name: str, optimizer: str, seeds: int, steps: int
             sync()
             times.append(time.perf_counter() - start)
     else:
+        # the engine's own training loop (BatchedTrainer.run): per step one index tensor for
+        # all seeds' minibatches, one gather, one vmapped step; no checkpoints, no evaluation
         trainer = BatchedTrainer(problem, spec, config, device)
-        params, state = trainer.initial(keys)
-        seeds_list = [k.seed for k in keys]
-        orders = torch.stack([minibatch_indices(s, 0, steps + 1, problem.num_examples, 128)
-                              for s in seeds_list], dim=1).to(device)  # (steps+1, S, B)
-        inputs, targets = trainer.inputs, trainer.targets
         baseline = rss_kib("VmRSS")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        with torch.no_grad():  # two warm-up steps: the compiled step specialises once more after
-            for _ in range(2):  # the first (its output state aliases lr and applied_lr)
-                params, state, _, _ = trainer._step(params, state, inputs[orders[0]], targets[orders[0]])
+        trainer.run(keys, steps=2)  # warm-up (and compilation for "compiled")
         sync()
-        result["warmup_s"] = time.perf_counter() - start  # includes compilation
+        result["warmup_s"] = time.perf_counter() - start
         times = []
-        with torch.no_grad():
-            for _ in range(REPEAT):
-                start = time.perf_counter()
-                for t in range(1, steps + 1):
-                    params, state, _, _ = trainer._step(params, state, inputs[orders[t]],
-                                                        targets[orders[t]])
-                sync()
-                times.append(time.perf_counter() - start)
+        for _ in range(REPEAT):
+            start = time.perf_counter()
+            trainer.run(keys, steps=steps)
+            sync()
+            times.append(time.perf_counter() - start)
     elapsed = min(times)  # the best repetition: the machine may be shared
     result["seconds"] = elapsed
     result["repeats"] = [round(t, 4) for t in times]

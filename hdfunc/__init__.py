@@ -23,21 +23,24 @@ from hdfunc._version import __version__
 # TYPE_CHECKING imports below, for type checkers and editors).
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "hdfunc.base": ("EmptyState", "Rule", "Transform", "apply_updates", "chain"),
-    "hdfunc.directions": ("DIFFERENTIABLE_EPS_ROOT", "add_decayed_weights", "add_l2", "identity",
-                          "nesterov", "scale_by_adagrad", "scale_by_adam", "scale_by_lion",
+    "hdfunc.directions": ("DIFFERENTIABLE_EPS_ROOT", "add_decayed_weights", "add_l2",
+                          "heavy_ball", "identity", "nesterov", "scale_by_adagrad", "scale_by_adam", "scale_by_lion",
                           "scale_by_rms"),
-    "hdfunc.hyperdescent": ("HyperdescentState", "hyperdescent"),
-    "hdfunc.hypergradient": ("HD_OPTIONS", "HDConfig", "HDState", "LRState", "ScheduleState",
-                             "adapt_rates", "find_lr_state", "freeze_hypergrad_lr", "freeze_lr",
-                             "get_applied_lr", "get_lr", "hypergradient", "inverse_square",
-                             "replace_lr_state", "scale_by_lr"),
-    "hdfunc.rules": ("HD_OF", "RULES", "adam", "adam_hd", "adamw", "adamw_hd", "base_rule",
-                     "hd_rule", "sgd", "sgd_hd", "sgdn", "sgdn_hd"),
+    "hdfunc.hyperdescent": ("HyperdescentState", "get_hyperparams", "hyperdescent"),
+    "hdfunc.hypergradient": ("HDState", "LRState", "ScheduleState", "adapt_rates",
+                             "find_lr_state", "freeze_hypergrad_lr", "freeze_lr",
+                             "get_applied_lr", "get_lr", "hypergradient", "replace_lr_state",
+                             "scale_by_lr"),
+    "hdfunc.options": ("HD_OPTIONS", "HDConfig", "HDOptions", "inverse_square"),
+    "hdfunc.registry": ("HD_OF", "HD_VARIANTS", "REGISTRY", "RULES", "RuleInfo", "rule_info"),
+    "hdfunc.rules": ("adam", "adam_hd", "adam_hd_lr_beta1", "adamw", "adamw_hd", "base_rule",
+                     "hd_rule", "sgd", "sgd_hd", "sgdm", "sgdm_hd", "sgdm_hd_lr_momentum", "sgdn",
+                     "sgdn_hd", "sgdn_hd_lr_momentum"),
     "hdfunc.transforms": ("PartitionState", "clip_by_global_norm", "global_norm", "partition"),
 }
 #: Submodules reachable as attributes of ``hdfunc`` without importing them first.
 _SUBMODULES = ("base", "cli", "demo", "directions", "hyperdescent", "hypergradient", "optim",
-               "rules", "studies", "transforms", "tree")
+               "options", "registry", "rules", "studies", "transforms", "tree")
 
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -47,15 +50,18 @@ if TYPE_CHECKING:  # what the lazy loader provides, spelled out for static analy
     from hdfunc import optim, studies
     from hdfunc.base import EmptyState, Rule, Transform, apply_updates, chain
     from hdfunc.directions import (DIFFERENTIABLE_EPS_ROOT, add_decayed_weights, add_l2,
-                                   identity, nesterov, scale_by_adagrad, scale_by_adam,
+                                   heavy_ball, identity, nesterov, scale_by_adagrad, scale_by_adam,
                                    scale_by_lion, scale_by_rms)
-    from hdfunc.hyperdescent import HyperdescentState, hyperdescent
-    from hdfunc.hypergradient import (HD_OPTIONS, HDConfig, HDState, LRState, ScheduleState,
-                                      adapt_rates, find_lr_state, freeze_hypergrad_lr, freeze_lr,
-                                      get_applied_lr, get_lr, hypergradient, inverse_square,
-                                      replace_lr_state, scale_by_lr)
-    from hdfunc.rules import (HD_OF, RULES, adam, adam_hd, adamw, adamw_hd, base_rule, hd_rule,
-                              sgd, sgd_hd, sgdn, sgdn_hd)
+    from hdfunc.hyperdescent import HyperdescentState, get_hyperparams, hyperdescent
+    from hdfunc.hypergradient import (HDState, LRState, ScheduleState, adapt_rates,
+                                      find_lr_state, freeze_hypergrad_lr, freeze_lr,
+                                      get_applied_lr, get_lr, hypergradient, replace_lr_state,
+                                      scale_by_lr)
+    from hdfunc.options import HD_OPTIONS, HDConfig, HDOptions, inverse_square
+    from hdfunc.registry import HD_OF, HD_VARIANTS, REGISTRY, RULES, RuleInfo, rule_info
+    from hdfunc.rules import (adam, adam_hd, adam_hd_lr_beta1, adamw, adamw_hd, base_rule,
+                              hd_rule, sgd, sgd_hd, sgdm, sgdm_hd, sgdm_hd_lr_momentum, sgdn,
+                              sgdn_hd, sgdn_hd_lr_momentum)
     from hdfunc.transforms import PartitionState, clip_by_global_norm, global_norm, partition
 
 

@@ -19,7 +19,17 @@ def _is_terminal(stream: IO[str]) -> bool:
 
 
 class PlainProgress:
-    """The part of tqdm's interface that hdfunc uses, writing plain lines (no ``\\r``)."""
+    """The part of tqdm's interface that hdfunc uses, writing plain lines (no ``\\r``).
+
+    Args:
+        total: the amount of work, or None if unknown.
+        desc: the text before the count.
+        unit: the name of one unit of work.
+        initial: the work already done.
+        leave: accepted for tqdm's interface (a plain line always stays).
+        file: where the lines go (default stderr).
+        interval: the longest time in seconds between two lines.
+    """
 
     def __init__(self, total: int | None = None, desc: str = "", unit: str = "it",
                  initial: int = 0, leave: bool = True, file: IO[str] | None = None,
@@ -52,6 +62,11 @@ class PlainProgress:
         self._last_time, self._last_fraction = time.monotonic(), self._fraction()
 
     def update(self, n: int = 1) -> None:
+        """Count ``n`` more units of work; write a line when enough work or time has passed.
+
+        Args:
+            n: the units of work just done.
+        """
         self.n += n
         now = time.monotonic()
         done = self.total is not None and self.n >= self.total
@@ -61,6 +76,11 @@ class PlainProgress:
                 self._emit()
 
     def reset(self, total: int | None = None) -> None:
+        """Start counting again from 0 (and the clock from now).
+
+        Args:
+            total: the new amount of work (None: keep it).
+        """
         if total is not None:
             self.total = total
         self.n = 0
@@ -68,12 +88,25 @@ class PlainProgress:
         self._start = self._last_time = time.monotonic()
 
     def set_description(self, desc: str = "", refresh: bool = True) -> None:
+        """Set the text before the count.
+
+        Args:
+            desc: the text.
+            refresh: accepted for tqdm's interface.
+        """
         self.desc = desc
 
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        """Set the text after the count.
+
+        Args:
+            s: the text.
+            refresh: accepted for tqdm's interface.
+        """
         self.postfix = s
 
     def close(self) -> None:
+        """Stop reporting (the last line was written when the work was done)."""
         self._closed = True
 
     def __enter__(self) -> "PlainProgress":
@@ -85,7 +118,19 @@ class PlainProgress:
 
 def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", initial: int = 0,
                  leave: bool = True, file: IO[str] | None = None) -> Any:
-    """A tqdm bar when ``file`` (default stderr) is a terminal, else a :class:`PlainProgress`."""
+    """A tqdm bar when ``file`` (default stderr) is a terminal, else a :class:`PlainProgress`.
+
+    Args:
+        total: the amount of work, or None if unknown.
+        desc: the text before the count.
+        unit: the name of one unit of work.
+        initial: the work already done.
+        leave: keep the bar on the terminal when it closes.
+        file: the stream (default stderr).
+
+    Returns:
+        The bar: ``update(n)``, ``set_postfix_str``, ``close``, a context manager.
+    """
     stream = file if file is not None else sys.stderr
     if _is_terminal(stream):
         from tqdm.auto import tqdm

@@ -42,6 +42,15 @@ class Transform:
 
     ``needs_params`` says whether ``update`` reads the values of ``params`` (weight decay does);
     a transform that does not accepts ``params=None`` (it may read only the grads' dtypes).
+
+    Attributes:
+        init: ``init(params) -> state``.
+        update: ``update(updates, state, params=None) -> (updates, state)``.
+        name: the transform's name, in its ``repr`` and error messages.
+        previous_output: ``previous_output(state)``, the output of the last ``update``, or None.
+        rate_law: the :class:`hdfunc.HDOptions` of a transform that adapts a learning rate, else
+            None.
+        needs_params: whether ``update`` reads the values of ``params``.
     """
 
     init: InitFn
@@ -59,6 +68,9 @@ class Rule(Transform):
     ``update`` checks its inputs (tree structure, shapes and dtypes of grads against params; the
     state against the one this rule makes) and raises ``TypeError``/``ValueError`` naming the
     problem.
+
+    Attributes:
+        hyperparams: the rule's hyperparameters, by name (its ``repr``).
     """
 
     hyperparams: dict = field(default_factory=dict)
@@ -73,7 +85,18 @@ class EmptyState(NamedTuple):
 
 
 def chain(*transforms: Transform, name: str = "chain") -> Transform:
-    """Apply ``transforms`` one after another; the state is the tuple of their states."""
+    """Apply ``transforms`` one after another; the state is the tuple of their states.
+
+    Args:
+        *transforms: the transforms, applied in this order.
+        name: the chain's name.
+
+    Returns:
+        A transform whose state is the tuple of the transforms' states.
+
+    Raises:
+        ValueError: two of ``transforms`` adapt a learning rate (declare a ``rate_law``).
+    """
 
     def init(params: PyTree) -> tuple:
         return tuple(t.init(params) for t in transforms)
@@ -99,7 +122,18 @@ def chain(*transforms: Transform, name: str = "chain") -> Transform:
 
 
 def require_params(params: Optional[PyTree], who: str) -> PyTree:
-    """``params``, or a ValueError saying that ``who`` reads them (``params=None`` was given)."""
+    """``params``, or a ValueError saying that ``who`` reads them (``params=None`` was given).
+
+    Args:
+        params: the params passed to ``update``, or None.
+        who: the name of the transform that reads them, in the error message.
+
+    Returns:
+        ``params``.
+
+    Raises:
+        ValueError: ``params`` is None.
+    """
     if params is None:
         raise ValueError(f"{who} needs params in update(grads, state, params): it reads the "
                          "parameter values (weight decay)")
@@ -110,7 +144,19 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """θ_t = θ_{t-1} + u_t, leaf by leaf, keeping each param's dtype. Returns new tensors.
 
     ``updates`` must have the tree structure and the shapes of ``params`` (checked, naming the
-    leaf, except while ``torch.compile`` traces; under ``vmap`` the per-example shapes)."""
+    leaf, except while ``torch.compile`` traces; under ``vmap`` the per-example shapes).
+
+    Args:
+        params: the params θ_{t-1}, a pytree of tensors.
+        updates: the updates u_t, a pytree like ``params``.
+
+    Returns:
+        The new params θ_t, a pytree of new tensors like ``params``.
+
+    Raises:
+        ValueError: ``updates`` and ``params`` differ in structure or shape.
+        TypeError: a leaf of ``updates`` is not a tensor.
+    """
     if not torch.compiler.is_compiling():
         check_updates(updates, params)
     return tree_map(lambda p, u: p + u.to(p.dtype), params, updates)
@@ -119,7 +165,16 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
 def check_updates(updates: PyTree, params: PyTree) -> None:
     """Updates must have the structure of params (dict keys in any order) and, leaf by leaf,
     the shape of the param: no broadcasting (a (1,) update would move every entry of a (3,)
-    param)."""
+    param).
+
+    Args:
+        updates: the updates, a pytree of tensors.
+        params: the params, a pytree of tensors.
+
+    Raises:
+        ValueError: the tree structures differ, or an update's shape is not its param's.
+        TypeError: a leaf of ``updates`` is not a tensor.
+    """
     keyed, spec = tree_flatten_with_path(params)
     try:
         flat_updates = spec.flatten_up_to(updates)
@@ -143,7 +198,19 @@ def check_hyperparameter(name: str, value: Any, *, low: float = 0.0, high: float
     """Reject a hyperparameter that is not a finite real number in [low, high] (or [low, high)),
     or a 0-d float tensor. A tensor's value is not read: it may be traced by grad/vmap/compile,
     and reading it would synchronise with the device (a non-finite tensor rate is caught at run
-    time by the rate update's non-finite guard)."""
+    time by the rate update's non-finite guard).
+
+    Args:
+        name: the hyperparameter's name, in the error message.
+        value: its value.
+        low: the smallest value allowed.
+        high: the largest value allowed (or the bound, when ``high_inclusive`` is False).
+        high_inclusive: whether ``high`` itself is allowed.
+
+    Raises:
+        TypeError: ``value`` is not a real number or a 0-d floating tensor.
+        ValueError: ``value`` is not finite or lies outside the interval.
+    """
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or not value.is_floating_point():
             raise TypeError(f"{name} must be a Python float or a 0-d floating tensor, "
@@ -163,7 +230,18 @@ def check_hyperparameter(name: str, value: Any, *, low: float = 0.0, high: float
 
 def check_lr_bounds(lr_bounds: Any) -> tuple[Optional[float], Optional[float]]:
     """``lr_bounds`` as (low, high): None, or a pair of None-or-finite real numbers with
-    low <= high (Python numbers: they are static choices of the rule, not traced values)."""
+    low <= high (Python numbers: they are static choices of the rule, not traced values).
+
+    Args:
+        lr_bounds: None, or a pair (low, high) of None or real numbers.
+
+    Returns:
+        The pair (low, high) of None or floats; (None, None) for ``lr_bounds=None``.
+
+    Raises:
+        TypeError: ``lr_bounds`` is not None or a pair, or a bound is not None or a real number.
+        ValueError: a bound is not finite, or low > high.
+    """
     if lr_bounds is None:
         return None, None
     if not isinstance(lr_bounds, (tuple, list)) or len(lr_bounds) != 2:
@@ -199,7 +277,15 @@ def rule_factory(factory: Optional[Factory] = None, *,
     A keyword the factory does not take is refused before it runs, naming the valid options (its
     own parameters, plus ``extra_options`` where it takes ``**options``) and the closest match:
     ``adam_hd: unknown option 'modee' (did you mean 'mode'?); valid options: lr, ...``.
-    Use as ``@rule_factory`` or ``@rule_factory(extra_options=HD_OPTIONS)``."""
+    Use as ``@rule_factory`` or ``@rule_factory(extra_options=HD_OPTIONS)``.
+
+    Args:
+        factory: the rule factory to wrap (None when used as ``@rule_factory(...)``).
+        extra_options: the option names accepted through the factory's ``**options``.
+
+    Returns:
+        The wrapped factory, or (with ``factory=None``) a decorator that wraps one.
+    """
     if factory is None:
         return functools.partial(rule_factory, extra_options=extra_options)
     parameters = inspect.signature(factory).parameters.values()
@@ -242,8 +328,17 @@ def _describe(spec: Any) -> str:
     return text if len(text) < 300 else text[:297] + "..."
 
 
-def check_grads(grads: PyTree, params: PyTree) -> None:
-    """Grads must have the tree structure, shapes and dtypes of params."""
+def check_grad_structure(grads: PyTree, params: PyTree) -> None:
+    """Grads must have the tree structure, shapes and dtypes of params.
+
+    Args:
+        grads: the grads, a pytree of tensors.
+        params: the params, a pytree of floating-point tensors.
+
+    Raises:
+        ValueError: the tree structures or a leaf's shape differ.
+        TypeError: a leaf is not a tensor, its dtype differs, or a param is not floating point.
+    """
     g_leaves, g_spec = tree_flatten(grads)
     p_leaves, p_spec = tree_flatten(params)
     if g_spec != p_spec:
@@ -261,12 +356,21 @@ def check_grads(grads: PyTree, params: PyTree) -> None:
             raise TypeError(f"leaf {i}: params must be floating point, got {p.dtype}")
 
 
-def validated(transform: Transform, *, name: str, hyperparams: dict) -> Rule:
+def checked_rule(transform: Transform, *, name: str, hyperparams: dict) -> Rule:
     """Wrap a transform as a public :class:`Rule` whose ``update`` checks its inputs.
 
     ``update(grads, state, params=None)``: params may be left out unless the transform reads
     their values (``needs_params``: weight decay), which raises ``"<name> needs params in
-    update(...)"``."""
+    update(...)"``.
+
+    Args:
+        transform: the transform to wrap.
+        name: the rule's name, at the start of its error messages.
+        hyperparams: the rule's hyperparameters, by name (for its ``repr`` and the registry).
+
+    Returns:
+        The checked :class:`Rule`.
+    """
     expected_spec: dict = {}
 
     def state_spec_for(params: PyTree) -> Any:
@@ -284,7 +388,7 @@ def validated(transform: Transform, *, name: str, hyperparams: dict) -> Rule:
             require_params(params, name)
         if not torch.compiler.is_compiling():
             # without params, the grads stand for their structure, shapes and dtypes
-            check_grads(grads, grads if params is None else params)
+            check_grad_structure(grads, grads if params is None else params)
             got = tree_structure(state)
             want = state_spec_for(grads if params is None else params)
             if got != want:

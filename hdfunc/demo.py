@@ -37,14 +37,11 @@ def compare_rules(steps: int = 300, batch: int = 128, seed: int = 0) -> list[dic
     import torch
     from torch.func import grad
     params0, loss, inputs, labels = logistic_regression_problem(seed)
-    settings = [
-        ("sgd", hdfunc.sgd(1e-3), hdfunc.sgd_hd(1e-3, 1e-3)),
-        ("sgdn", hdfunc.sgdn(1e-3), hdfunc.sgdn_hd(1e-3, 1e-3)),
-        ("adam", hdfunc.adam(1e-3), hdfunc.adam_hd(1e-3, 1e-7)),
-    ]
     rows = []
-    for base_name, *rules in settings:
-        for rule in rules:
+    for name in ("sgd_hd", "sgdn_hd", "adam_hd"):  # the paper's three, with its β (§4)
+        info = hdfunc.rule_info(name)
+        for rule in (hdfunc.rule_info(info.base).factory(1e-3),
+                     info.factory(1e-3, info.paper_hypergrad_lr)):
             gen = torch.Generator().manual_seed(seed)
             params, state = params0, rule.init(params0)
             for _ in range(steps):

@@ -1,6 +1,6 @@
 """Base directions d_t: the part of an optimizer that turns gradients into a step direction.
 
-Every rule in hdfunc is "base direction d_t; u_t = -α_t d_t" (ALGORITHMS.md, "The general
+Every rule in hdfunc is "base direction d_t; u_t = -α_t d_t" (docs/algorithms.md, "The general
 form"). The transforms here produce d_t; :mod:`hdfunc.hypergradient` scales it by a fixed or an
 adapted learning rate. Each is pure and reads its hyperparameters from its closure.
 
@@ -29,7 +29,7 @@ DIFFERENTIABLE_EPS_ROOT = 1e-16
 K steps with respect to α_0 or β by ``torch.func.grad``/``jvp``).
 
 With ``eps_root = 0`` (the default: the paper's and torch.optim's formula, Algorithm 3 of Baydin
-et al.; ALGORITHMS.md, "Adam and Adam-HD") an entry whose gradient has been exactly 0 so far (a
+et al.; docs/algorithms.md, "Adam and Adam-HD") an entry whose gradient has been exactly 0 so far (a
 dead ReLU unit) has v = 0, the derivative of √v at 0 is infinite and 0·∞ makes the derivative NaN.
 √(v̂ + eps_root) is differentiable at v̂ = 0. It changes a step by a relative ≈ eps_root / (2 v̂):
 negligible unless gradients are ~1e-8 or smaller (and in float32 1e-16 is below the rounding of
@@ -37,7 +37,15 @@ any v̂ larger than ~1e-9)."""
 
 
 def check_eps_root(eps_root: float | torch.Tensor) -> None:
-    """``eps_root`` must be a finite real number >= 0 (or a 0-d float tensor, not inspected)."""
+    """``eps_root`` must be a finite real number >= 0 (or a 0-d float tensor, not inspected).
+
+    Args:
+        eps_root: ε_root of a direction that divides by a root of a second moment.
+
+    Raises:
+        ValueError: ``eps_root`` is negative or not finite.
+        TypeError: ``eps_root`` is not a real number or a 0-d float tensor.
+    """
     check_hyperparameter("eps_root", eps_root)
 
 
@@ -47,7 +55,11 @@ def _shifts(eps_root: float | torch.Tensor) -> bool:
 
 
 def identity() -> Transform:
-    """SGD's direction: d_t = g_t."""
+    """SGD's direction: d_t = g_t.
+
+    Returns:
+        A stateless transform that passes the gradients through unchanged.
+    """
     return Transform(lambda params: EmptyState(), lambda g, state, params: (g, state), "identity")
 
 
@@ -79,6 +91,18 @@ def add_l2(weight_decay: float | torch.Tensor, mask: WeightDecayMask = None) -> 
     objective, as in the paper's experiments. ``mask`` (a pytree of bools like the params, or a
     callable params -> such a pytree) decays only the tensors marked True (e.g. not biases and
     norms: ``mask=lambda ps: {k: p.ndim > 1 for k, p in ps.items()}``); None decays all.
+
+    Args:
+        weight_decay: λ, finite and >= 0 (or a 0-d tensor).
+        mask: which tensors to decay: a pytree of bools like the params, a callable params ->
+            such a pytree, or None (all).
+
+    Returns:
+        A transform that needs the params in ``update(grads, state, params)``.
+
+    Raises:
+        ValueError: ``weight_decay`` is negative or not finite.
+        TypeError: ``mask`` is neither None, a pytree nor a callable.
     """
     check_hyperparameter("weight_decay", weight_decay)
     _check_mask(mask)
@@ -91,6 +115,18 @@ def add_decayed_weights(weight_decay: float | torch.Tensor,
     """Decoupled (AdamW-style) weight decay: d_t ← d_t + λ θ_{t-1}, so u_t = -α_t (d_t + λ θ_{t-1}).
 
     The decay is scaled by α and is therefore part of ∇_α u_t. ``mask`` as in :func:`add_l2`.
+
+    Args:
+        weight_decay: λ, finite and >= 0 (or a 0-d tensor).
+        mask: which tensors to decay: a pytree of bools like the params, a callable params ->
+            such a pytree, or None (all).
+
+    Returns:
+        A transform that needs the params in ``update(grads, state, params)``.
+
+    Raises:
+        ValueError: ``weight_decay`` is negative or not finite.
+        TypeError: ``mask`` is neither None, a pytree nor a callable.
     """
     check_hyperparameter("weight_decay", weight_decay)
     _check_mask(mask)
@@ -106,6 +142,12 @@ def _check_mask(mask: WeightDecayMask) -> None:
 
 
 class MomentumState(NamedTuple):
+    """The state of :func:`nesterov`.
+
+    Attributes:
+        velocity: v_{t-1}, a pytree like the params.
+    """
+
     velocity: PyTree  # v_{t-1}
 
 
@@ -113,7 +155,41 @@ def nesterov(momentum: float | torch.Tensor = 0.9) -> Transform:
     """Nesterov momentum: v_t = μ v_{t-1} + g_t;  d_t = g_t + μ v_t.
 
     With dampening 0 this is torch.optim.SGD(momentum=μ, nesterov=True).
+
+    Args:
+        momentum: μ, in [0, 1) (or a 0-d tensor).
+
+    Returns:
+        A transform with state :class:`MomentumState`.
+
+    Raises:
+        ValueError: ``momentum`` is outside [0, 1).
     """
+    return _momentum(momentum, nesterov=True)
+
+
+def heavy_ball(momentum: float | torch.Tensor = 0.9) -> Transform:
+    """Heavy-ball (Polyak) momentum: v_t = μ v_{t-1} + g_t;  d_t = v_t.
+
+    With dampening 0 this is torch.optim.SGD(momentum=μ) (nesterov off). The direction of the
+    last step is the velocity in the state, so HD needs no stored copy of it
+    (``previous_output``).
+
+    Args:
+        momentum: μ, in [0, 1) (or a 0-d tensor).
+
+    Returns:
+        A transform with state :class:`MomentumState`.
+
+    Raises:
+        ValueError: ``momentum`` is outside [0, 1).
+    """
+    return _momentum(momentum, nesterov=False)
+
+
+def _momentum(momentum: float | torch.Tensor, nesterov: bool) -> Transform:
+    """v_t = μ v_{t-1} + g_t, and d_t = g_t + μ v_t (Nesterov) or d_t = v_t (heavy ball, whose
+    last direction is the velocity in the state: ``previous_output``)."""
     check_hyperparameter("momentum", momentum, high=1.0, high_inclusive=False)
 
     def init(params: PyTree) -> MomentumState:
@@ -121,13 +197,25 @@ def nesterov(momentum: float | torch.Tensor = 0.9) -> Transform:
 
     def update(g: PyTree, state: MomentumState, params: PyTree) -> tuple[PyTree, MomentumState]:
         velocity = tree_map(lambda v, gi: momentum * v + gi, state.velocity, g)
+        if not nesterov:
+            return velocity, MomentumState(velocity)
         direction = tree_map(lambda gi, v: gi + momentum * v, g, velocity)
         return direction, MomentumState(velocity)
 
-    return Transform(init, update, "nesterov")
+    if nesterov:
+        return Transform(init, update, "nesterov")
+    return Transform(init, update, "heavy_ball", previous_output=lambda state: state.velocity)
 
 
 class AdamState(NamedTuple):
+    """The state of :func:`scale_by_adam`.
+
+    Attributes:
+        count: t-1, the steps taken (a 0-d int64 tensor).
+        mu: m_{t-1}, the first moment, in the accumulation dtype.
+        nu: v_{t-1}, the second moment, in the accumulation dtype.
+    """
+
     count: torch.Tensor  # t-1: steps taken
     mu: PyTree  # m_{t-1}
     nu: PyTree  # v_{t-1}
@@ -135,7 +223,7 @@ class AdamState(NamedTuple):
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
                   eps_root: float = 0.0) -> Transform:
-    """Adam's direction (Algorithm 3 of Baydin et al.; ALGORITHMS.md, "Adam and Adam-HD")
+    """Adam's direction (Algorithm 3 of Baydin et al.; docs/algorithms.md, "Adam and Adam-HD")
     d_t = m̂_t / (√(v̂_t + ε_root) + ε), with
     m_t = β1 m_{t-1} + (1-β1) g_t,  v_t = β2 v_{t-1} + (1-β2) g_t²,
     m̂_t = m_t / (1-β1^t),  v̂_t = v_t / (1-β2^t).
@@ -152,6 +240,18 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
 
     m, v and d are in the accumulation dtype (float32 for float16/bfloat16 params; see the
     module's note on precision), so ε = 1e-8 is not rounded to 0 and d_0 = 0/(0 + ε) = 0.
+
+    Args:
+        b1: β1, the decay of the first moment, in [0, 1).
+        b2: β2, the decay of the second moment, in [0, 1).
+        eps: ε, added to the root, >= 0.
+        eps_root: ε_root, added under the root, >= 0.
+
+    Returns:
+        A transform with state :class:`AdamState` and a ``previous_output`` (d_{t-1}).
+
+    Raises:
+        ValueError: a hyperparameter is out of its range or not finite.
     """
     check_hyperparameter("betas[0]", b1, high=1.0, high_inclusive=False)
     check_hyperparameter("betas[1]", b2, high=1.0, high_inclusive=False)
@@ -202,6 +302,12 @@ def _root(eps_root: float | torch.Tensor):
 
 
 class RMSState(NamedTuple):
+    """The state of :func:`scale_by_rms` and :func:`scale_by_adagrad`.
+
+    Attributes:
+        nu: the running mean (RMSprop) or sum (Adagrad) of g², in the accumulation dtype.
+    """
+
     nu: PyTree  # running mean of g²
 
 
@@ -211,7 +317,19 @@ def scale_by_rms(decay: float = 0.99, eps: float = 1e-8, *, eps_root: float = 0.
 
     ``eps_root`` = 0 (default) keeps the arithmetic above bit for bit; pass
     :data:`DIFFERENTIABLE_EPS_ROOT` to differentiate through training (√v at v = 0 has an infinite
-    derivative, see :func:`scale_by_adam`)."""
+    derivative, see :func:`scale_by_adam`).
+
+    Args:
+        decay: ρ, the decay of the mean square, in [0, 1).
+        eps: ε, added to the root, >= 0.
+        eps_root: ε_root, added under the root, >= 0.
+
+    Returns:
+        A transform with state :class:`RMSState`.
+
+    Raises:
+        ValueError: a hyperparameter is out of its range or not finite.
+    """
     check_hyperparameter("decay", decay, high=1.0, high_inclusive=False)
     check_hyperparameter("eps", eps)
     check_eps_root(eps_root)
@@ -232,7 +350,18 @@ def scale_by_adagrad(eps: float = 1e-10, *, eps_root: float = 0.0) -> Transform:
 
     ``eps_root`` = 0 (default) keeps the arithmetic above bit for bit; pass
     :data:`DIFFERENTIABLE_EPS_ROOT` to differentiate through training (see
-    :func:`scale_by_adam`)."""
+    :func:`scale_by_adam`).
+
+    Args:
+        eps: ε, added to the root, >= 0.
+        eps_root: ε_root, added under the root, >= 0.
+
+    Returns:
+        A transform with state :class:`RMSState` (``nu`` holds the sum s_t).
+
+    Raises:
+        ValueError: a hyperparameter is negative or not finite.
+    """
     check_hyperparameter("eps", eps)
     check_eps_root(eps_root)
     root = _root(eps_root)
@@ -246,11 +375,28 @@ def scale_by_adagrad(eps: float = 1e-10, *, eps_root: float = 0.0) -> Transform:
 
 
 class LionState(NamedTuple):
+    """The state of :func:`scale_by_lion`.
+
+    Attributes:
+        mu: m_{t-1}, a pytree like the params.
+    """
+
     mu: PyTree
 
 
 def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> Transform:
-    """Lion's direction: d_t = sign(β1 m_{t-1} + (1-β1) g_t); m_t = β2 m_{t-1} + (1-β2) g_t."""
+    """Lion's direction: d_t = sign(β1 m_{t-1} + (1-β1) g_t); m_t = β2 m_{t-1} + (1-β2) g_t.
+
+    Args:
+        b1: β1, the interpolation of the direction, in [0, 1].
+        b2: β2, the decay of the momentum, in [0, 1].
+
+    Returns:
+        A transform with state :class:`LionState`.
+
+    Raises:
+        ValueError: a beta is outside [0, 1].
+    """
     check_hyperparameter("betas[0]", b1, high=1.0)
     check_hyperparameter("betas[1]", b2, high=1.0)
 
@@ -263,5 +409,12 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> Transform:
 
 
 def params_count(params: PyTree) -> torch.Tensor:
-    """A 0-d int64 step counter on the params' device (a tensor, so it batches under vmap)."""
+    """A 0-d int64 step counter on the params' device (a tensor, so it batches under vmap).
+
+    Args:
+        params: any pytree of tensors (at least one leaf).
+
+    Returns:
+        A 0-d int64 zero on the device of the first leaf.
+    """
     return first_leaf(params).new_zeros((), dtype=torch.int64)

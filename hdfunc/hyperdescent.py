@@ -33,8 +33,9 @@ from typing import Any, Callable, Literal, NamedTuple, Optional
 import torch
 from torch.func import jacfwd, jvp
 
-from hdfunc.base import Rule, Transform, check_hyperparameter, validated
-from hdfunc.hypergradient import LRState, _multiplicative_factor, find_lr_state, replace_lr_state
+from hdfunc.base import Rule, Transform, check_hyperparameter, checked_rule
+from hdfunc.hypergradient import (HDState, LRState, _multiplicative_factor, find_lr_state,
+                                  replace_lr_state)
 from hdfunc.tree import (PyTree, accumulation_dtype, first_leaf, leaf_vdot, tree_leaves,
                          tree_structure, tree_unflatten, tree_zeros_like)
 
@@ -47,13 +48,25 @@ betas, RMSprop's decay) onto [0, 1): [0, 1 - 1e-6]."""
 
 Bounds = tuple[Optional[float], Optional[float]]
 
+STATE_HELD = ("lr", "hypergrad_lr")
+"""The hyperparameters the built-in rules keep in their state rather than their closure: the
+fixed rate α (:class:`hdfunc.LRState`, so a grid of rates is a stacked state) and an HD rule's β
+(:class:`hdfunc.HDState`). Adapted, they are written into that state before each step."""
+
 _NAME = re.compile(r"^([A-Za-z_][A-Za-z_0-9]*)(?:\[(\d+)\])?$")
 
 
 def default_bounds(name: str) -> Bounds:
     """The projection applied to ``name`` after each update unless ``bounds`` overrides it:
     ``lr``, ``weight_decay``, ``eps``, ``eps_root`` and unknown names ending in ``lr`` → [0, ∞);
-    ``momentum``, ``betas[i]``, ``decay``, ``dampening`` → [0, 1 - 1e-6]; any other name: none."""
+    ``momentum``, ``betas[i]``, ``decay``, ``dampening`` → [0, 1 - 1e-6]; any other name: none.
+
+    Args:
+        name: an adapted hyperparameter's name (``"lr"``, ``"betas[0]"``, ...).
+
+    Returns:
+        ``(low, high)``, None where unbounded.
+    """
     key = _NAME.match(name).group(1) if _NAME.match(name) else name
     if key in ("momentum", "betas", "decay", "dampening", "b1", "b2"):
         return (0.0, PROBABILITY_HIGH)
@@ -64,7 +77,17 @@ def default_bounds(name: str) -> Bounds:
 
 class HyperdescentState(NamedTuple):
     """State of :func:`hyperdescent` after step t-1 (count = t-1). The dicts are keyed by the
-    adapted hyperparameters' names (``"lr"``, ``"betas[0]"``, ...)."""
+    adapted hyperparameters' names (``"lr"``, ``"betas[0]"``, ...).
+
+    Attributes:
+        count: t-1, the steps taken (int64).
+        hyperparams: λ_{t-1}: 0-d tensors in the accumulation dtype of the params.
+        hypergrad_lr: β_λ: 0-d tensors (in the state, so a vmapped grid of β works).
+        tangents: ∂u_{t-1}/∂λ: pytrees like the params (in the updates' dtypes); 0 at t = 1.
+        hypergrad: h_λ,t-1: the hypergradient the last step used.
+        base: the base rule's state s_{t-1}.
+        skipped: the steps where the non-finite guard kept some λ.
+    """
 
     count: torch.Tensor  # t-1, int64
     hyperparams: dict  # λ_{t-1}: 0-d tensors in the accumulation dtype of the params
@@ -77,7 +100,18 @@ class HyperdescentState(NamedTuple):
 
 def parse_name(name: str) -> tuple[str, Optional[int]]:
     """``"lr"`` → ("lr", None); ``"betas[0]"`` → ("betas", 0): the factory's keyword and, for a
-    tuple-valued hyperparameter, the index of the member to adapt."""
+    tuple-valued hyperparameter, the index of the member to adapt.
+
+    Args:
+        name: a keyword of a factory (``"momentum"``) or a member of a tuple-valued one
+            (``"betas[0]"``).
+
+    Returns:
+        ``(keyword, index)``, the index None for a plain keyword.
+
+    Raises:
+        ValueError: ``name`` is neither.
+    """
     match = _NAME.match(name) if isinstance(name, str) else None
     if match is None:
         raise ValueError(f"cannot read hyperparameter name {name!r}: write a keyword of the "
@@ -93,39 +127,55 @@ def _factory_defaults(factory: Callable) -> dict:
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
-def hyperdescent(factory: Callable[..., Rule], hypergrad_lr: dict[str, float | torch.Tensor], *,
-                 mode: Mode = "additive", bounds: Optional[dict[str, Bounds]] = None,
+def hyperdescent(factory: Callable[..., Rule], hypergrad_lr: dict[str, float | torch.Tensor], /,
+                 *, mode: Mode = "additive", bounds: Optional[dict[str, Bounds]] = None,
                  skip_nonfinite: bool = True, **hyperparams: Any) -> Rule:
     """Hypergradient descent on the hyperparameters named in ``hypergrad_lr`` of the rule
     ``factory(**hyperparams)`` (module docstring for the equations).
-
-    ``factory``: any rule factory taking its hyperparameters as keyword arguments
-    (``hdfunc.sgd``, ``hdfunc.sgdn``, ``hdfunc.adam``, ``hdfunc.adamw``, ``hdfunc.base_rule``
-    with a ``functools.partial``, a user's); each adapted hyperparameter is passed to it as a
-    0-d tensor, so the factory (and the transforms it builds) must accept 0-d tensors and read
-    the hyperparameter from its closure at ``update``. The exception is ``lr`` when the rule keeps
-    its fixed rate in its state (:class:`hdfunc.LRState`, as every built-in base rule does): the
-    adapted α is written into that state before each step.
-
-    ``hypergrad_lr``: ``{name: β_λ}``; a name is a keyword of the factory (``"lr"``,
-    ``"momentum"``, ``"weight_decay"``, ``"eps"``) or a member of a tuple-valued one
-    (``"betas[0]"``, ``"betas[1]"``). Its starting value is ``hyperparams[name]`` or the
-    factory's default.
-
-    ``mode``: ``"additive"`` (Eq. 3) or ``"multiplicative"`` (Eq. 8: λ is left unchanged where a
-    norm is zero, e.g. at t = 1).
-
-    ``bounds``: ``{name: (low, high)}`` (None: no bound), overriding :func:`default_bounds`
-    (λ ≥ 0 for rates, weight decay and ε; [0, 1 - 1e-6] for momentum and betas). Pass
-    ``{"lr": (None, None)}`` for the paper's unbounded α.
-
-    ``skip_nonfinite``: keep λ where h_λ or the new λ is not finite (before the projection);
-    ``state.skipped`` counts the steps where any λ was kept.
 
     Granularity: one global λ per name (per-tensor λ are not built yet). The hypergradient uses
     the incoming gradient g_t: with *coupled* weight decay (an L2 term the rule adds to g), the
     analytic HD rules use g_t + λθ instead, so they agree with this only at weight_decay = 0 (or
     with decoupled decay).
+
+    Args:
+        factory: any rule factory taking its hyperparameters as keyword arguments
+            (``hdfunc.sgd``, ``hdfunc.sgdn``, ``hdfunc.adam``, ``hdfunc.adamw``,
+            ``hdfunc.base_rule`` with a ``functools.partial``, a user's); each adapted
+            hyperparameter is passed to it as a 0-d tensor, so the factory (and the transforms it
+            builds) must accept 0-d tensors and read the hyperparameter from its closure at
+            ``update``. The exceptions are the hyperparameters in :data:`STATE_HELD`: ``lr``
+            when the rule keeps its fixed rate in its state (:class:`hdfunc.LRState`, as every
+            built-in base rule does) and ``hypergrad_lr``, the β of an HD rule
+            (:class:`hdfunc.HDState`): the adapted value is written into that state before each
+            step. An HD rule's own options are passed as ``options=hdfunc.HDOptions(...)``
+            (``mode``, ``bounds`` and ``skip_nonfinite`` here are this rule's).
+        hypergrad_lr: ``{name: β_λ}``; a name is a keyword of the factory (``"lr"``,
+            ``"momentum"``, ``"weight_decay"``, ``"eps"``, an HD rule's ``"hypergrad_lr"``) or a
+            member of a tuple-valued one (``"betas[0]"``, ``"betas[1]"``). Its starting value is
+            ``hyperparams[name]`` or the factory's default. (``factory`` and this dict are
+            positional-only, so ``hypergrad_lr=β`` among ``hyperparams`` is the factory's.)
+        mode: ``"additive"`` (Eq. 3) or ``"multiplicative"`` (Eq. 8: λ is left unchanged where a
+            norm is zero, e.g. at t = 1).
+        bounds: ``{name: (low, high)}`` (None: no bound), overriding :func:`default_bounds`
+            (λ ≥ 0 for rates, weight decay and ε; [0, 1 - 1e-6] for momentum and betas). Pass
+            ``{"lr": (None, None)}`` for the paper's unbounded α.
+        skip_nonfinite: keep λ where h_λ or the new λ is not finite (before the projection);
+            ``state.skipped`` counts the steps where any λ was kept.
+        **hyperparams: the factory's keyword arguments (the starting values of the adapted ones
+            and the fixed values of the others).
+
+    Returns:
+        A rule named ``hyperdescent_<base rule>`` with state :class:`HyperdescentState`
+            (:func:`get_hyperparams` reads the current λ).
+
+    Raises:
+        TypeError: ``factory`` is not callable or returns no rule, ``hypergrad_lr`` is not a
+            non-empty dict, or an adapted hyperparameter is a callable (a schedule).
+        ValueError: a bad ``mode``, a name that cannot be read, has no starting value or no such
+            tuple member, bounds for a name that is not adapted, a bad β_λ, ``lr`` adapted
+            for a rule whose rate is not fixed, or ``hypergrad_lr`` for a rule that is not an HD
+            rule or already adapts β (``hyper_hypergrad_lr``) (at ``init``).
     """
     if not callable(factory):
         raise TypeError(f"factory must be a rule factory (a callable), got {factory!r}")
@@ -181,13 +231,16 @@ def hyperdescent(factory: Callable[..., Rule], hypergrad_lr: dict[str, float | t
     # still reads the params)
     probe = build({name: torch.as_tensor(value, dtype=torch.float64)
                    for name, value in initial.items()})
-    adapts_lr = "lr" in names
+    in_state = [name for name in STATE_HELD if name in names]
 
-    def with_lr(base_state: PyTree, values: dict) -> PyTree:
-        """The base state with the adapted α in its fixed-rate node (the rule reads α there)."""
-        if not adapts_lr:
+    def with_state_held(base_state: PyTree, values: dict) -> PyTree:
+        """The base state with the adapted α (and, for an HD rule, β) written into its rate node:
+        the rule reads them there, not from its closure."""
+        if not in_state:
             return base_state
-        return replace_lr_state(base_state, lr=values["lr"].to(find_lr_state(base_state).lr.dtype))
+        node = find_lr_state(base_state)
+        return replace_lr_state(base_state, **{name: values[name].to(getattr(node, name).dtype)
+                                               for name in in_state})
 
     def init(params: PyTree) -> HyperdescentState:
         leaf = first_leaf(params)
@@ -200,10 +253,17 @@ def hyperdescent(factory: Callable[..., Rule], hypergrad_lr: dict[str, float | t
 
         values = {name: rate(initial[name]) for name in names}
         base = build(values).init(params)
-        if adapts_lr and not isinstance(find_lr_state(base), LRState):
+        node = find_lr_state(base)
+        if "lr" in names and not isinstance(node, LRState):
             raise ValueError("adapting 'lr' needs a rule with a fixed rate in its state "
                              "(hdfunc.LRState); this rule's rate is scheduled or already adapted")
-        base = with_lr(base, values)
+        if "hypergrad_lr" in names and not isinstance(node, HDState):
+            raise ValueError("adapting 'hypergrad_lr' needs an HD rule (its state holds an "
+                             "hdfunc.HDState)")
+        if "hypergrad_lr" in names and tree_leaves(node.lr_sensitivity):
+            raise ValueError("adapting 'hypergrad_lr' of an HD rule that already adapts it "
+                             "(hyper_hypergrad_lr is set): choose one of the two")
+        base = with_state_held(base, values)
         zero = leaf.new_zeros((), dtype=dtype)
         return HyperdescentState(
             count=leaf.new_zeros((), dtype=torch.int64),
@@ -246,7 +306,7 @@ def hyperdescent(factory: Callable[..., Rule], hypergrad_lr: dict[str, float | t
         def step(*values: torch.Tensor) -> tuple[PyTree, PyTree]:
             current = dict(zip(names, values))
             rule = build(current)
-            return rule.update(grads, with_lr(state.base, current), params)
+            return rule.update(grads, with_state_held(state.base, current), params)
 
         primals = tuple(new_values[name] for name in names)
         if len(names) == 1:
@@ -279,14 +339,21 @@ def hyperdescent(factory: Callable[..., Rule], hypergrad_lr: dict[str, float | t
 
     name = f"hyperdescent_{probe.name}"
     transform = Transform(init, update, name, needs_params=probe.needs_params)
-    return validated(transform, name=name, hyperparams={
+    return checked_rule(transform, name=name, hyperparams={
         "factory": getattr(factory, "__name__", repr(factory)),
         "hypergrad_lr": dict(hypergrad_lr), "mode": mode, "bounds": limits,
         "skip_nonfinite": skip_nonfinite, **hyperparams})
 
 
 def get_hyperparams(state: HyperdescentState) -> dict:
-    """The current values λ_t of the adapted hyperparameters, by name."""
+    """The current values λ_t of the adapted hyperparameters, by name.
+
+    Args:
+        state: the state of a :func:`hyperdescent` rule.
+
+    Returns:
+        ``{name: λ_t}``, 0-d tensors.
+    """
     return dict(state.hyperparams)
 
 

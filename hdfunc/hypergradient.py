@@ -1,6 +1,6 @@
 """Hypergradient descent on the learning rate, written once for any base direction.
 
-The general form (ALGORITHMS.md; Baydin et al. 2018, §2, Eqs. 2-4 and Algorithms 1-3):
+The general form (docs/algorithms.md; Baydin et al. 2018, §2, Eqs. 2-4 and Algorithms 1-3):
 
     h_t = ∇f(θ_{t-1}) · ∇_α u_{t-1} = -g_t · d_{t-1}        (hypergradient; d_0 = 0 so h_1 = 0)
     α_t = α_{t-1} - β h_t                                   (additive rule)
@@ -12,32 +12,31 @@ with the paper's variants: per-tensor / per-element rates (§2), the multiplicat
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
-from typing import Any, Callable, Literal, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from hdfunc.base import Transform, check_hyperparameter, check_lr_bounds
-from hdfunc.tree import (PyTree, accumulation_dtype, first_leaf, leaf_vdot, tree_flatten,
-                         tree_leaves, tree_map, tree_unflatten, tree_zeros_like)
+from hdfunc.base import Transform, check_hyperparameter
+from hdfunc.options import (GRANULARITIES, HD_OPTIONS, MODES, Granularity, HDConfig, HDOptions,
+                            Mode, Schedule, inverse_square)
+from hdfunc.tree import (PyTree, accumulation_dtype, first_leaf, leaf_vdot, resolve_partial_sums,
+                         total, tree_flatten, tree_leaves, tree_map, tree_unflatten,
+                         tree_zeros_like)
 
-Granularity = Literal["global", "tensor", "element"]
-Mode = Literal["additive", "multiplicative"]
-GRANULARITIES = ("global", "tensor", "element")
-MODES = ("additive", "multiplicative")
-
-
-def inverse_square(t: torch.Tensor) -> torch.Tensor:
-    """δ(t) = 1/t², the transition schedule suggested in §5.1 (δ(1) = 1, t·δ(t) → 0)."""
-    return 1.0 / (t * t)
-
+__all__ = ["ABSENT", "GRANULARITIES", "HD_OPTIONS", "HDConfig", "HDOptions", "HDState", "LRState",
+           "MODES", "Granularity", "Mode", "RateStep", "Schedule", "ScheduleState", "adapt_rates",
+           "find_lr_state", "freeze_hypergrad_lr", "freeze_lr", "get_applied_lr", "get_lr",
+           "hypergradient", "inverse_square", "replace_lr_state", "scale_by_lr", "scaled_step"]
 
 ABSENT = ()  # an optional state field that is off: an empty subtree (vmap returns no None)
 
 
 class LRState(NamedTuple):
-    """State of a fixed learning rate: u_t = -α d_t."""
+    """State of a fixed learning rate: u_t = -α d_t.
+
+    Attributes:
+        lr: α, a 0-d tensor.
+    """
 
     lr: torch.Tensor
 
@@ -48,6 +47,19 @@ class HDState(NamedTuple):
     Rates (``lr``, ``applied_lr``, ``hypergrad``, ``final_lr``, ``lr_sensitivity``) have the
     "rate structure": one 0-d tensor (global), a pytree of 0-d tensors like the params
     (per tensor) or a pytree of tensors shaped like the params (per element).
+
+    Attributes:
+        count: t-1, a 0-d int64 tensor.
+        lr: α_{t-1}, the adapted learning rate.
+        hypergrad_lr: β_{t-1}.
+        applied_lr: γ_{t-1}, the rate the last step applied (α_{t-1} unless transitioning).
+        hypergrad: h_{t-1}, the hypergradient the last step used.
+        direction: d_{t-1} = -∇_α u_{t-1}; ABSENT when the base recomputes it from its state.
+        base: the base direction's state.
+        final_lr: α_∞ (transition variant), or ABSENT.
+        lr_sensitivity: ∂α_{t-1}/∂β (higher-order variant), or ABSENT.
+        hyper_hypergrad: ∂f(θ_{t-1})/∂β used by the last step, or ABSENT.
+        skipped: the steps whose rate update the non-finite guard skipped.
     """
 
     count: torch.Tensor  # t-1, int64
@@ -66,7 +78,20 @@ class HDState(NamedTuple):
 def as_rate(value: float | torch.Tensor, like: torch.Tensor, dtype: torch.dtype,
             name: str = "lr") -> torch.Tensor:
     """A 0-d tensor on ``like``'s device; a tensor input keeps its autograd history. A Python
-    number too large for ``dtype`` (1e39 in float32) is refused: it would be inf."""
+    number too large for ``dtype`` (1e39 in float32) is refused: it would be inf.
+
+    Args:
+        value: the rate, a Python number or a tensor (which keeps its autograd history).
+        like: a tensor on the device the rate goes to.
+        dtype: the rates' dtype.
+        name: the rate's name, in the error message.
+
+    Returns:
+        The rate as a 0-d tensor of ``dtype`` on ``like``'s device.
+
+    Raises:
+        ValueError: ``value`` is a Python number that overflows ``dtype``.
+    """
     if isinstance(value, torch.Tensor):
         return value.to(device=like.device, dtype=dtype)
     if abs(float(value)) > torch.finfo(dtype).max:
@@ -75,11 +100,15 @@ def as_rate(value: float | torch.Tensor, like: torch.Tensor, dtype: torch.dtype,
     return like.new_full((), float(value), dtype=dtype)
 
 
-Schedule = Callable[[torch.Tensor], Any]
-
 
 class ScheduleState(NamedTuple):
-    """State of a scheduled learning rate α_t = s(t-1) (count = steps taken)."""
+    """State of a scheduled learning rate α_t = s(t-1) (count = steps taken).
+
+    Attributes:
+        count: the steps taken, a 0-d int64 tensor.
+        lr: s(count), the rate the next step applies.
+        applied_lr: the rate the last step applied (s(0) before the first step).
+    """
 
     count: torch.Tensor  # steps taken, int64
     lr: torch.Tensor  # s(count): the rate the next step applies
@@ -90,7 +119,16 @@ def schedule_value(schedule: Schedule, count: torch.Tensor, like: torch.Tensor) 
     """s(count) as a 0-d tensor in ``like``'s dtype and device. ``count`` (int64 in the state)
     is passed as a 0-d tensor in that dtype, so ``0.9 ** count`` is computed at the rates'
     precision (float64 for float64 params) and the schedule is traced by vmap/compile, never
-    read back to Python."""
+    read back to Python.
+
+    Args:
+        schedule: the schedule s, a callable of the step count.
+        count: the step count, a 0-d int64 tensor.
+        like: a 0-d tensor whose dtype and device the value takes (the current rate).
+
+    Returns:
+        s(count) as a 0-d tensor in ``like``'s dtype and device.
+    """
     value = schedule(count.to(like.dtype))
     if isinstance(value, torch.Tensor):
         return value.to(device=like.device, dtype=like.dtype)
@@ -109,7 +147,15 @@ def scale_by_lr(lr: float | torch.Tensor | Schedule) -> Transform:
     (``torch.where``, not ``if``) to keep it vmap- and compile-safe.
 
     ``params`` may be None: the step is then in the direction's dtype (``apply_updates`` rounds
-    it to the param's)."""
+    it to the param's).
+
+    Args:
+        lr: the fixed learning rate α (a Python number or a 0-d tensor), or a schedule of the step
+            count.
+
+    Returns:
+        A transform with state :class:`LRState` (:class:`ScheduleState` for a schedule).
+    """
     if callable(lr):
         schedule = lr
 
@@ -144,25 +190,23 @@ def scale_by_lr(lr: float | torch.Tensor | Schedule) -> Transform:
 
 def scaled_step(rate: torch.Tensor, direction: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """u = -rate ⊙ d, computed in the dtype of rate ⊙ d (at least float32) and rounded once to
-    the param's ``dtype``."""
+    the param's ``dtype``.
+
+    Args:
+        rate: the applied rate γ_t (0-d, or shaped like ``direction``).
+        direction: the direction d.
+        dtype: the param's dtype, to which the step is rounded.
+
+    Returns:
+        The step -rate ⊙ d in ``dtype``.
+    """
     return (-(rate * direction)).to(dtype)
 
 
-def hypergradient(
-    direction: Transform,
-    lr: float | torch.Tensor,
-    hypergrad_lr: float | torch.Tensor,
-    *,
-    lr_granularity: Granularity = "global",
-    mode: Mode = "additive",
-    final_lr: float | torch.Tensor | None = None,
-    transition: Callable[[torch.Tensor], torch.Tensor] = inverse_square,
-    hyper_hypergrad_lr: float | torch.Tensor | None = None,
-    lr_bounds: tuple[float | None, float | None] | None = None,
-    skip_nonfinite: bool = True,
-    lr_schedule: Optional[Schedule] = None,
-) -> Transform:
-    """Hypergradient descent on the learning rate of any base ``direction`` (ALGORITHMS.md,
+def hypergradient(direction: Transform, lr: float | torch.Tensor,
+                  hypergrad_lr: float | torch.Tensor, options: Optional[HDOptions] = None,
+                  **option_values: Any) -> Transform:
+    """Hypergradient descent on the learning rate of any base ``direction`` (docs/algorithms.md,
     "The general form"). One step t, in the paper's order:
 
         h_t  = -g_t · d_{t-1}                                    (§2: Eq. 2 for SGD; Alg. 1-3)
@@ -205,26 +249,29 @@ def hypergradient(
 
     α, β and α_∞ are read from the state, never from this closure, so one update function
     serves a grid of (α_0, β) made by stacking states built with different values.
+
+    Args:
+        direction: the base direction d_t (``identity()`` for SGD, ``nesterov(μ)``,
+            ``scale_by_adam(...)``, or any :class:`hdfunc.Transform`).
+        lr: α_0, the initial learning rate (a number >= 0 or a 0-d tensor).
+        hypergrad_lr: β, the hypergradient learning rate (a number >= 0 or a 0-d tensor).
+        options: an :class:`hdfunc.HDOptions`; keyword options override its fields.
+        **option_values: the HD options by name (below).
+
+    Returns:
+        A :class:`hdfunc.Transform` whose state is an :class:`HDState` and whose ``rate_law``
+        is the :class:`hdfunc.HDOptions` it implements.
     """
     if callable(lr):
         raise TypeError("lr must be a number or a 0-d tensor for an HD rule, which adapts α "
                         "itself; to schedule it pass lr_schedule=<callable of the step count>, "
                         "a factor on the adapted rate (see hdfunc.hypergradient)")
-    if lr_schedule is not None and not callable(lr_schedule):
-        raise TypeError("lr_schedule must be None or a callable s(count) of the step count")
     check_hyperparameter("lr", lr)
     check_hyperparameter("hypergrad_lr", hypergrad_lr)
-    if lr_granularity not in GRANULARITIES:
-        raise ValueError(f"lr_granularity must be one of {GRANULARITIES}, got {lr_granularity!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if final_lr is not None:
-        check_hyperparameter("final_lr", final_lr)
-    if not callable(transition):
-        raise TypeError("transition must be a callable δ(t) on a float tensor t")
-    if hyper_hypergrad_lr is not None:
-        check_hyperparameter("hyper_hypergrad_lr", hyper_hypergrad_lr)
-    low, high = check_lr_bounds(lr_bounds)
+    config = HDOptions.of(options, **option_values)
+    lr_granularity, mode = config.lr_granularity, config.mode
+    final_lr, lr_schedule = config.final_lr, config.lr_schedule
+    hyper_hypergrad_lr = config.hyper_hypergrad_lr
     per_leaf = lr_granularity != "global"
     recompute = direction.previous_output
 
@@ -265,13 +312,10 @@ def hypergradient(
     def products(xs: list[torch.Tensor], ys: list[torch.Tensor], dtypes: list[torch.dtype]) -> list:
         """Σ x⊙y at the rates' granularity: one total, one per tensor, or elementwise."""
         if lr_granularity == "global":
-            return [sum(leaf_vdot(x, y, dtypes[0]) for x, y in zip(xs, ys))]
+            return [total([leaf_vdot(x, y, dtypes[0]) for x, y in zip(xs, ys)])]
         if lr_granularity == "tensor":
             return [leaf_vdot(x, y, dt) for x, y, dt in zip(xs, ys, dtypes)]
         return [x.to(dt) * y.to(dt) for x, y, dt in zip(xs, ys, dtypes)]
-
-    config = HDConfig(lr_granularity, mode, transition, final_lr is not None, hyper_hypergrad_lr,
-                      low, high, skip_nonfinite)
 
     def update(g: PyTree, state: HDState,
                params: Optional[PyTree] = None) -> tuple[PyTree, HDState]:
@@ -300,6 +344,8 @@ def hypergradient(
             hypergrad = [previous_factor.to(x.dtype) * x for x in hypergrad]
             if direction_sq is not None:
                 direction_sq = [previous_factor.to(x.dtype) ** 2 * x for x in direction_sq]
+        # sharded (DTensor) params: the partial sums of the local shards, reduced once
+        hypergrad, grad_sq, direction_sq = resolve_partial_sums(hypergrad, grad_sq, direction_sq)
         rates_step = adapt_rates(config, state, hypergrad, grad_sq, direction_sq)
 
         # Base direction and the step with the rate actually applied.
@@ -342,32 +388,23 @@ def hypergradient(
                      needs_params=direction.needs_params)
 
 
-HD_OPTIONS: tuple[str, ...] = tuple(
-    name for name, parameter in inspect.signature(hypergradient).parameters.items()
-    if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
-"""The options of every HD rule (``hd_options``): the keyword-only arguments of
-:func:`hypergradient`."""
+hypergradient.__doc__ = (hypergradient.__doc__ or "") + HDOptions.docstring()
 
 
 # ----------------------------------------------------------------------------- the rate update
 
 
-@dataclass(frozen=True)
-class HDConfig:
-    """The static choices of a hypergradient transform (see :func:`hypergradient`)."""
-
-    lr_granularity: Granularity = "global"
-    mode: Mode = "additive"
-    transition: Callable[[torch.Tensor], torch.Tensor] = inverse_square
-    has_final_lr: bool = False
-    hyper_hypergrad_lr: float | torch.Tensor | None = None
-    lr_low: float | None = None
-    lr_high: float | None = None
-    skip_nonfinite: bool = True
-
-
 class RateStep(NamedTuple):
-    """The outcome of one rate update; rates are lists of rate leaves."""
+    """The outcome of one rate update; rates are lists of rate leaves.
+
+    Attributes:
+        lr: α_t.
+        hypergrad_lr: β_t.
+        applied_lr: γ_t.
+        lr_sensitivity: ∂α_t/∂β_t, or None without higher order.
+        hyper_hypergrad: ∂f(θ_{t-1})/∂β, or ABSENT.
+        skipped: the count of skipped rate updates, this step's included.
+    """
 
     lr: list  # α_t
     hypergrad_lr: torch.Tensor  # β_t
@@ -389,7 +426,7 @@ def _multiplicative_factor(step: list, numer: list, gg: list, dd: list) -> list:
     return out
 
 
-def adapt_rates(config: HDConfig, state: HDState, hypergrad: list,
+def adapt_rates(config: HDOptions, state: HDState, hypergrad: list,
                 grad_sq: Optional[list] = None, direction_sq: Optional[list] = None) -> RateStep:
     """The learning-rate half of one HD step, given h_t (and, for the multiplicative rule,
     ‖g_t‖² and ‖d_{t-1}‖²) as lists of rate leaves: β_t, α_t, γ_t. The single implementation of
@@ -399,7 +436,19 @@ def adapt_rates(config: HDConfig, state: HDState, hypergrad: list,
 
     The non-finite guard (``config.skip_nonfinite``) keeps α where h_t or the new α is not
     finite (β h_t may overflow), before the bounds (so an overflow is not clamped away), and β
-    where ∂f/∂β or the new β is not finite; ``skipped`` counts the steps where it did either."""
+    where ∂f/∂β or the new β is not finite; ``skipped`` counts the steps where it did either.
+
+    Args:
+        config: the HD options (granularity, rule, bounds, transition, higher order, guard).
+        state: the HD state after step t-1.
+        hypergrad: h_t, a list of rate leaves.
+        grad_sq: ‖g_t‖² as a list of rate leaves, for the multiplicative rule (else None).
+        direction_sq: ‖d_{t-1}‖² as a list of rate leaves, for the multiplicative rule (else None).
+
+    Returns:
+        A :class:`RateStep` holding the new α, β, the applied rate γ_t, ∂α/∂β, the hypergradient
+            of β and the count of skipped steps.
+    """
     lr_leaves = tree_leaves(state.lr)
     beta = state.hypergrad_lr
     kappa = config.hyper_hypergrad_lr
@@ -464,7 +513,15 @@ def adapt_rates(config: HDConfig, state: HDState, hypergrad: list,
 
 
 def find_lr_state(state: Any) -> HDState | LRState | Any:
-    """The learning-rate node inside a rule's (possibly chained) state."""
+    """The learning-rate node inside a rule's (possibly chained) state.
+
+    Args:
+        state: a rule's state (a chain's tuple of states, nested).
+
+    Returns:
+        The :class:`HDState`, :class:`LRState` or :class:`ScheduleState` node, or None if the state
+            holds none.
+    """
     if isinstance(state, (HDState, LRState, ScheduleState)):
         return state
     if isinstance(state, tuple) and hasattr(state, "_fields") and {"lr", "hypergrad_lr"} <= set(
@@ -489,7 +546,18 @@ def _replace_node(state: Any, old: Any, new: Any) -> Any:
 
 def replace_lr_state(state: Any, **changes: Any) -> Any:
     """A copy of ``state`` (rebuilt, nothing mutated) whose learning-rate node (see
-    :func:`find_lr_state`) has the fields in ``changes`` replaced."""
+    :func:`find_lr_state`) has the fields in ``changes`` replaced.
+
+    Args:
+        state: a rule's state.
+        **changes: the fields of the learning-rate node to replace, by name.
+
+    Returns:
+        The rebuilt state.
+
+    Raises:
+        TypeError: ``state`` holds no learning rate.
+    """
     node = find_lr_state(state)
     if node is None:
         raise TypeError(f"no learning rate found in a state of type {type(state).__name__}")
@@ -500,7 +568,17 @@ def get_lr(state: Any) -> PyTree:
     """The current learning rate α_t of a rule's state: a 0-d tensor (global rate) or a pytree
     like the params (per-tensor / per-element rates). With HD this is the rate the next step
     starts from (it applies α_{t+1} = α_t - β h_{t+1}); with a transition to α_∞ the rate a step
-    actually applied is ``state.applied_lr`` of the HD node (see :func:`find_lr_state`)."""
+    actually applied is ``state.applied_lr`` of the HD node (see :func:`find_lr_state`).
+
+    Args:
+        state: a rule's state.
+
+    Returns:
+        α_t: a 0-d tensor or a pytree of rates like the params.
+
+    Raises:
+        TypeError: ``state`` holds no learning rate.
+    """
     node = find_lr_state(state)
     if node is None:
         raise TypeError(f"no learning rate found in a state of type {type(state).__name__}")
@@ -509,7 +587,17 @@ def get_lr(state: Any) -> PyTree:
 
 def get_applied_lr(state: Any) -> PyTree:
     """γ_t: the rate the step that made ``state`` applied (``applied_lr`` of the HD node; α_t
-    itself for a rule without a transition or a fixed-rate rule)."""
+    itself for a rule without a transition or a fixed-rate rule).
+
+    Args:
+        state: a rule's state.
+
+    Returns:
+        γ_t: a 0-d tensor or a pytree of rates like the params.
+
+    Raises:
+        TypeError: ``state`` holds no learning rate.
+    """
     node = find_lr_state(state)
     if node is None:
         raise TypeError(f"no learning rate found in a state of type {type(state).__name__}")
@@ -522,6 +610,16 @@ def freeze_lr(state: Any, lr: PyTree) -> Any:
 
     It sets α (and α_∞) to ``lr`` and β (and ∂α/∂β) to zero. The verification suite uses it to
     write step t-1 as a function u_{t-1}(α) of the applied rate, with everything else frozen.
+
+    Args:
+        state: a rule's state.
+        lr: the rate the next step applies, with the rate structure of the state's α.
+
+    Returns:
+        The rebuilt state.
+
+    Raises:
+        TypeError: ``state`` holds no learning rate.
     """
     node = find_lr_state(state)
     if node is None:
@@ -540,7 +638,18 @@ def freeze_lr(state: Any, lr: PyTree) -> Any:
 def freeze_hypergrad_lr(state: Any, hypergrad_lr: torch.Tensor) -> Any:
     """A copy of ``state`` whose next step adapts α with exactly β = ``hypergrad_lr`` (it zeroes
     ∂α/∂β, so the higher-order update leaves β unchanged for that step). The verification suite
-    differentiates a step with respect to β through it."""
+    differentiates a step with respect to β through it.
+
+    Args:
+        state: a rule's state with an HD node.
+        hypergrad_lr: the β the next step uses.
+
+    Returns:
+        The rebuilt state.
+
+    Raises:
+        TypeError: ``state`` holds no hypergradient state.
+    """
     node = find_lr_state(state)
     if node is None or "hypergrad_lr" not in node._fields:
         raise TypeError(f"no hypergradient state found in a state of type {type(state).__name__}")

@@ -26,7 +26,14 @@ CLIP_EPS = 1e-6
 
 def global_norm(tree: PyTree) -> torch.Tensor:
     """‖tree‖₂ over all leaves, as torch.nn.utils.clip_grad_norm_: the norm of the per-tensor
-    norms, computed in at least float32 (a 0-d tensor)."""
+    norms, computed in at least float32 (a 0-d tensor).
+
+    Args:
+        tree: any pytree of tensors.
+
+    Returns:
+        The 0-d norm, in the tree's accumulation dtype (at least float32).
+    """
     dtype = accumulation_dtype(tree)
     norms = [torch.linalg.vector_norm(leaf.to(dtype)) for leaf in tree_leaves(tree)]
     return torch.linalg.vector_norm(torch.stack(norms))
@@ -38,7 +45,17 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> Transform:
 
     Put it first in a :func:`hdfunc.chain` (before a rule or base direction); an HD rule then
     adapts its rate with the clipped gradient. Stateless; vmap- and compile-safe (the factor is
-    computed with ``torch.clamp``, never read back); ``params`` are not read."""
+    computed with ``torch.clamp``, never read back); ``params`` are not read.
+
+    Args:
+        max_norm: the largest global norm let through, finite and >= 0 (or a 0-d tensor).
+
+    Returns:
+        A stateless transform.
+
+    Raises:
+        ValueError: ``max_norm`` is negative or not finite.
+    """
     check_hyperparameter("max_norm", max_norm)
 
     def update(g: PyTree, state: EmptyState,
@@ -56,7 +73,11 @@ Labels = Union[PyTree, Callable[[PyTree], PyTree]]
 
 class PartitionState(NamedTuple):
     """State of :func:`partition`: each label's transform state (over the list of its params,
-    in the params' flattening order)."""
+    in the params' flattening order).
+
+    Attributes:
+        states: label -> the state of that label's transform.
+    """
 
     states: dict
 
@@ -78,7 +99,23 @@ def partition(transforms: Mapping[str, Transform], labels: Labels,
       (h_t = -Σ over all params of g_t · d_{t-1}).
 
     Every label in ``transforms`` must label at least one tensor, and every tensor's label must
-    be in ``transforms``."""
+    be in ``transforms``.
+
+    Args:
+        transforms: label -> the transform (a rule or a base direction) for the params so labelled.
+        labels: a pytree of labels with the params' structure, or a callable params -> such a
+            pytree.
+        name: the transform's name, at the start of its error messages.
+
+    Returns:
+        A transform with state :class:`PartitionState`; it needs the params in ``update`` if
+            one of ``transforms`` does.
+
+    Raises:
+        TypeError: ``transforms`` is empty or holds something that is not a ``Transform``.
+        ValueError: (at ``init``/``update``) the labels do not match the params' structure, a
+            label has no transform, or a transform labels no params.
+    """
     if not isinstance(transforms, Mapping) or not transforms:
         raise TypeError("transforms must be a non-empty dict {label: transform}")
     for label, transform in transforms.items():

@@ -1,4 +1,4 @@
-"""An independent, literal implementation of the algorithm boxes of ALGORITHMS.md (Baydin et al.
+"""An independent, literal implementation of the algorithm boxes of docs/algorithms.md (Baydin et al.
 2018, Algorithms 1-3 and §2.1/§5 variants), written as a plain loop over a list of tensors.
 
 It shares no code with hdfunc: it is the oracle the functional rules are tested against.

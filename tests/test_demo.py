@@ -14,7 +14,7 @@ def test_demo_rules_and_study(tmp_path, capsys):
     assert set(losses) == {"sgd", "sgd_hd", "sgdn", "sgdn_hd", "adam", "adam_hd"}
     # At α_0 = 1e-3 plain SGD crawls; SGD-HD raises its rate and gets far lower (§4, Fig. 2).
     assert losses["sgd_hd"] < 0.5 * losses["sgd"]
-    assert re.search(r"^sgd_hd vs sgd\s+1e-03\s+8/8", text, flags=re.M)
+    assert re.search(r"^sgd_hd vs sgd\s+1e-03\s+1e-03\s+8/8", text, flags=re.M)  # α₀, β
     for name in ("steps.csv", "summary.json", "plots/loss.png", "plots/lr.png"):
         assert (out / name).is_file(), name
     # A second run reuses the finished study instead of recomputing it.

@@ -1,7 +1,7 @@
 """Differentiating the loss after K steps of Adam / Adam-HD / AdamW-HD / RMSprop-HD with respect to
 the initial learning rate α_0 and the hypergradient learning rate β (``eps_root``).
 
-Algorithm 3 of Baydin et al. (ALGORITHMS.md, "Adam and Adam-HD") divides by √v̂_t + ε. A gradient
+Algorithm 3 of Baydin et al. (docs/algorithms.md, "Adam and Adam-HD") divides by √v̂_t + ε. A gradient
 entry that has been exactly 0 at every step (a dead ReLU unit) has v̂ = 0, where √ has an infinite
 derivative, and the chain rule through it makes d loss_K / d α_0 NaN (0 · ∞). With ``eps_root``
 the rules divide by √(v̂_t + ε_root) + ε, which is differentiable at 0.

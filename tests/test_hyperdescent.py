@@ -39,6 +39,7 @@ def max_diff(a, b):
 ANALYTIC = [
     (hdfunc.sgd, hdfunc.sgd_hd, {}, 1e-3),
     (hdfunc.sgdn, hdfunc.sgdn_hd, {"momentum": 0.9}, 1e-3),
+    (hdfunc.rules.sgdm, hdfunc.rules.sgdm_hd, {"momentum": 0.9}, 1e-3),
     (hdfunc.adam, hdfunc.adam_hd, {"betas": (0.9, 0.999)}, 1e-4),
     (hdfunc.adamw, hdfunc.adamw_hd, {"weight_decay": 0.1}, 1e-4),
 ]
@@ -330,3 +331,39 @@ def test_vmap_over_a_grid_of_hypergradient_rates():
         assert max_diff(tree_map(lambda x: x[i], batched_params), p) <= 1e-12
         for name in hyper:
             assert abs(batched_hyper[name][i].item() - hyper[name].item()) <= 1e-12
+
+
+@pytest.mark.parametrize("granularity", ["global", "tensor", "element"])
+@pytest.mark.parametrize("base,options,beta,kappa", [
+    (hdfunc.sgd_hd, {}, 1e-4, 1e-5), (hdfunc.sgdn_hd, {"momentum": 0.9}, 1e-5, 1e-7),
+    (hdfunc.adam_hd, {}, 1e-4, 1e-3)], ids=["sgd", "sgdn", "adam"])
+def test_adapting_beta_of_an_hd_rule_is_the_analytic_higher_order_rule(base, options, beta, kappa,
+                                                                       granularity):
+    """hyperdescent(<rule>_hd, {"hypergrad_lr": κ}) adapts β by h_β,t = g_t · ∂u_{t-1}/∂β with
+    ∂u_{t-1}/∂β = d_{t-1} ⊙ h_{t-1} (u_{t-1} = -α_{t-1}(β) d_{t-1}, α_{t-1} = α_{t-2} - β h_{t-1}):
+    h_β,t = -Σ_j h_t,j h_t-1,j, the analytic higher-order hypergradient (§5.2) in the additive
+    mode, so the two rules take the same steps (docs/hyperdescent.md, "Adapting β")."""
+    problem = make_problem("quadratic")
+    hd_options = hdfunc.HDOptions(lr_granularity=granularity)
+    ours = run(hyperdescent(base, {"hypergrad_lr": kappa}, lr=0.01, hypergrad_lr=beta,
+                            options=hd_options, **options), problem, 15)
+    theirs = run(base(0.01, beta, options=hd_options.replace(hyper_hypergrad_lr=kappa),
+                      **options), problem, 15)
+    (p1, s1, _), (p2, s2, _) = ours[-1], theirs[-1]
+    assert max_diff(p1, p2) <= 1e-12 * max(x.abs().max().item() for x in tree_leaves(p2))
+    beta_theirs = hdfunc.find_lr_state(s2).hypergrad_lr
+    beta_ours = hdfunc.get_hyperparams(s1)["hypergrad_lr"]
+    torch.testing.assert_close(beta_ours, beta_theirs, rtol=1e-12, atol=0)
+    assert abs(beta_theirs.item() - beta) > 1e-3 * beta  # β did move
+
+
+def test_adapting_beta_needs_an_hd_rule_without_higher_order():
+    params = {"x": torch.zeros(2, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="adapting 'hypergrad_lr' needs an HD rule"):
+        def not_hd(lr=0.1, hypergrad_lr=0.0):  # takes the name, keeps no HD state
+            return hdfunc.sgd(lr)
+
+        hyperdescent(not_hd, {"hypergrad_lr": 1e-3}).init(params)
+    with pytest.raises(ValueError, match="already adapts it"):
+        hyperdescent(hdfunc.sgd_hd, {"hypergrad_lr": 1e-3}, lr=0.1, hypergrad_lr=1e-3,
+                     hyper_hypergrad_lr=1e-2).init(params)

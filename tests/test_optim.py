@@ -98,14 +98,15 @@ def test_matches_functional_rule(case, kernel):
 
 @pytest.mark.parametrize("case", ["adam_hd", "adam_hd_l2", "adam_hd_mult", "adamw_hd",
                                   "adamw_hd_mult", "sgd_hd", "sgdn_hd_mult"])
-def test_batched_cpu_pass_across_piece_boundaries(case, monkeypatch):
+def test_batched_cpu_pass_across_piece_boundaries(case):
     """The CPU hypergradient pass works through scratch buffers in pieces; with an 8-element
-    buffer every tensor is split and small tensors share batches: still the functional rule."""
-    monkeypatch.setattr(hdfunc.optim, "SCRATCH_BYTES", 64)
+    buffer every tensor is split and small tensors share batches: still the functional rule.
+    (The streamed terms themselves: tests/test_optim_terms.py.)"""
     cls, rule_fn, kwargs = CASES[case]
     model, x, y = make_model()
     params, state = functional_run(rule_fn(**kwargs), model, x, y, steps=12)
     optimizer = cls(model.parameters(), **kwargs)
+    optimizer._scratch_bytes = 64  # the size of each scratch buffer (1 MiB by default)
     train(model, optimizer, x, y, steps=12)
     assert optimizer._scratch_buffers[(torch.device("cpu"), torch.float64)][0].numel() == 8
     assert max_error(model, params) < 1e-13
@@ -289,7 +290,7 @@ def state_bytes(optimizer):
     for state in optimizer.state.values():
         total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
     for group in optimizer.param_groups:
-        total += sum(v.numel() * v.element_size() for v in group.get("hd_state", {}).values()
+        total += sum(v.numel() * v.element_size() for v in group.get("hd_state", ())
                      if torch.is_tensor(v))
     return total
 
@@ -528,3 +529,141 @@ def test_adam_tensors_with_different_step_counts(cls, kwargs):
     torch.testing.assert_close(optimizer.adapted_lrs()[0], alpha - beta * hypergrad,
                                rtol=1e-13, atol=0)
     assert abs(beta * hypergrad.item()) > 1e-9 * alpha.item()
+
+
+# ----------------------------------------------------------------------------- the rate state
+
+# The keys a state dict has saved since the first release (older checkpoints must load).
+SAVED_RATE_KEYS = ("count", "lr", "hypergrad_lr", "applied_lr", "hypergrad", "final_lr",
+                   "lr_sensitivity", "hyper_hypergrad", "skipped", "scheduled_lr",
+                   "scheduled_hypergrad_lr")
+SAVED_GROUP_KEYS = ("hypergrad_lr", "mode", "final_lr", "hyper_hypergrad_lr", "lr_bounds",
+                    "skip_nonfinite")
+RATE_STATE_CASES = [(AdamHD, dict(final_lr=5e-3, hyper_hypergrad_lr=1e-4)),
+                    (AdamWHD, dict(mode="multiplicative", hypergrad_lr=2e-2)),
+                    (SGDHD, dict(final_lr=5e-3, hyper_hypergrad_lr=1e-4)),
+                    (SGDNHD, dict(momentum=0.9, lr_bounds=(0.0, 1.0)))]
+
+
+def test_hd_keys_are_derived_from_hd_options():
+    """The HD options of a group are HDOptions's fields but lr_granularity and lr_schedule; the
+    saved keys are those of the first release."""
+    from hdfunc.optim import base
+    assert base.HD_OPTION_KEYS == tuple(name for name in hdfunc.HDOptions.names()
+                                        if name not in ("lr_granularity", "lr_schedule"))
+    assert base.HD_GROUP_KEYS == SAVED_GROUP_KEYS
+    assert base.HD_STATE_KEYS == SAVED_RATE_KEYS
+    model, _, _ = make_model()
+    for cls in (SGDHD, AdamHD):
+        defaults = cls(model.parameters()).defaults
+        assert set(base.HD_OPTION_KEYS) | {"lr", "hypergrad_lr"} <= set(defaults)
+
+
+def assert_same_rate_state(a, b):
+    assert type(a) is type(b) is hdfunc.HDState
+    for name, x, y in zip(hdfunc.HDState._fields, a, b):
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), name
+        else:
+            assert x == y == (), name
+
+
+@pytest.mark.parametrize("cls,kwargs", RATE_STATE_CASES)
+def test_rate_state_is_an_hdstate_and_round_trips_through_a_checkpoint(cls, kwargs):
+    """group["hd_state"] is an hdfunc.HDState (no direction, no base: torch's per-parameter
+    state holds those); state_dict() saves it as a dict of the first release's keys, which
+    torch.load(weights_only=True) reads, and load_state_dict makes the same HDState again:
+    the next steps are identical."""
+    kwargs = {"lr": 1e-2, "hypergrad_lr": 1e-3, **kwargs}
+    model, x, y = make_model()
+    optimizer = cls(model.parameters(), **kwargs)
+    train(model, optimizer, x, y, 4)
+    state = optimizer.param_groups[0]["hd_state"]
+    assert isinstance(state, hdfunc.HDState) and state.direction == () and state.base == ()
+    if "hyper_hypergrad_lr" in kwargs:
+        assert all(isinstance(v, torch.Tensor) for v in (state.final_lr, state.lr_sensitivity,
+                                                          state.hyper_hypergrad))
+    saved = optimizer.state_dict()
+    group = saved["param_groups"][0]
+    assert isinstance(group["hd_state"], dict) and tuple(group["hd_state"]) == SAVED_RATE_KEYS
+    assert "transition" not in group and "hd_scheduled" not in group
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": saved}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    resumed, _, _ = make_model(seed=7)
+    resumed.load_state_dict(loaded["model"])
+    optimizer2 = cls(resumed.parameters(), **{**kwargs, "lr": 123.0, "hypergrad_lr": 0.0})
+    optimizer2.load_state_dict(loaded["optimizer"])
+    assert_same_rate_state(optimizer.param_groups[0]["hd_state"],
+                           optimizer2.param_groups[0]["hd_state"])
+    assert optimizer.param_groups[0]["hd_scheduled"] == optimizer2.param_groups[0]["hd_scheduled"]
+    for _ in range(3):
+        train(model, optimizer, x, y, 1)
+        train(resumed, optimizer2, x, y, 1)
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+        assert_same_rate_state(optimizer.param_groups[0]["hd_state"],
+                               optimizer2.param_groups[0]["hd_state"])
+        assert optimizer.param_groups[0]["lr"] == optimizer2.param_groups[0]["lr"]
+
+
+def old_format_state_dict(optimizer):
+    """A state dict written out by hand as the first release saved it: the HD rate state a
+    plain dict of SAVED_RATE_KEYS (tensors, () for an option that is off, two floats)."""
+    groups = []
+    index = 0
+    for group in optimizer.param_groups:
+        stats = optimizer.hd_stats()[len(groups)]
+        state = group["hd_state"]
+        hd_state = {"count": stats["steps"].clone(), "lr": stats["lr"],
+                    "hypergrad_lr": stats["hypergrad_lr"], "applied_lr": stats["applied_lr"],
+                    "hypergrad": stats["hypergrad"],
+                    "final_lr": state.final_lr if state.final_lr == () else state.final_lr.clone(),
+                    "lr_sensitivity": (() if state.lr_sensitivity == ()
+                                       else state.lr_sensitivity.clone()),
+                    "hyper_hypergrad": (() if state.hyper_hypergrad == ()
+                                        else state.hyper_hypergrad.clone()),
+                    "skipped": stats["skipped"].clone(), "scheduled_lr": float(group["lr"]),
+                    "scheduled_hypergrad_lr": float(group["hypergrad_lr"])}
+        saved = {key: value for key, value in group.items()
+                 if key not in ("params", "hd_state", "hd_scheduled", "transition")}
+        n = len(group["params"])
+        groups.append({**saved, "hd_state": hd_state, "params": list(range(index, index + n))})
+        index += n
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {i: {key: value.clone() for key, value in optimizer.state[p].items()}
+             for i, p in enumerate(params) if p in optimizer.state}
+    return {"state": state, "param_groups": groups}
+
+
+@pytest.mark.parametrize("cls,kwargs", RATE_STATE_CASES)
+def test_a_checkpoint_of_the_first_release_format_loads(cls, kwargs):
+    """A state dict whose rate state is the first release's dict loads through load_state_dict,
+    and also where ZeroRedundancyOptimizer puts it (it copies loaded groups into the local
+    optimizer's, bypassing load_state_dict): training continues bit for bit."""
+    kwargs = {"lr": 1e-2, "hypergrad_lr": 1e-3, **kwargs}
+    model, x, y = make_model()
+    optimizer = cls(model.parameters(), **kwargs)
+    train(model, optimizer, x, y, 4)
+    saved = old_format_state_dict(optimizer)
+    twins = []
+    for route in ("load_state_dict", "into_the_group"):
+        twin = copy.deepcopy(model)
+        other = cls(twin.parameters(), **kwargs)
+        if route == "load_state_dict":
+            other.load_state_dict(copy.deepcopy(saved))
+        else:
+            train(twin, other, x, y, 1)  # per-parameter state as torch's load would leave it
+            for key, value in copy.deepcopy(saved)["param_groups"][0].items():
+                if key != "params":
+                    other.param_groups[0][key] = value
+            twin.load_state_dict(model.state_dict())
+            for p, q in zip(model.parameters(), twin.parameters()):
+                other.state[q] = {k: v.clone() for k, v in optimizer.state[p].items()}
+        twins.append((twin, other))
+    train(model, optimizer, x, y, 3)
+    for twin, other in twins:
+        train(twin, other, x, y, 3)
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+        assert_same_rate_state(optimizer.param_groups[0]["hd_state"],
+                               other.param_groups[0]["hd_state"])

@@ -265,11 +265,11 @@ def test_final_lr_write_scales_alpha_and_alpha_infinity():
         if composition == "scale":
             assert optimizer.adapted_lrs()[0].item() == pytest.approx(alpha * 0.5, rel=1e-14)
             assert optimizer.param_groups[0]["final_lr"] == 1e-3  # the option is untouched
-            final = optimizer.param_groups[0]["hd_state"]["final_lr"].item()
+            final = optimizer.param_groups[0]["hd_state"].final_lr.item()
             assert final == pytest.approx(5e-4, rel=1e-14)
         else:
             assert optimizer.adapted_lrs()[0].item() == gamma * 0.5
-            assert optimizer.param_groups[0]["hd_state"]["final_lr"].item() == 1e-3
+            assert optimizer.param_groups[0]["hd_state"].final_lr.item() == 1e-3
 
 
 def test_compiled_step_logs_the_applied_rate_without_recompiling():

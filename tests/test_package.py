@@ -284,6 +284,13 @@ def test_study_file_data_dir_is_relative_to_the_study_file(tmp_path, monkeypatch
     assert Path(config.problem_options["data_dir"]) == Path("studies") / ".." / "mnist"
     status = cli.main(["--config", "studies/s.toml", "--quiet", "--no-plots"])
     assert status == 2  # no MNIST there; the error names the folder (tested in test_studies)
+    # the Python API reads the file the same way, from any working directory
+    from hdfunc.studies import StudyConfig
+
+    monkeypatch.chdir(folder)
+    assert Path(StudyConfig.from_toml(toml).problem_options["data_dir"]) == folder / ".." / "mnist"
+    assert StudyConfig.from_toml(toml, problem_options={"data_dir": "x"}).problem_options == {
+        "data_dir": "x"}  # an override is the caller's, taken as given
 
 
 # ----------------------------------------------------------------------------- README

@@ -26,24 +26,26 @@ def assert_trees_close(a, b, rtol=1e-10, atol=1e-12):
 
 # ----------------------------------------------------------------------------- torch.optim
 
+def _registered_case(info: hdfunc.RuleInfo, lr: float, **hyperparams):
+    """(HD rule with every hypergradient rate 0, its base twin, the base's torch.optim twin)
+    from the registry."""
+    base = hdfunc.rule_info(info.base)
+    hyperparams = {k: v for k, v in hyperparams.items() if k not in info.extra_rates}
+    zero_rates = {k: 0.0 for k in info.extra_rates}
+    return (lambda: info.factory(lr, 0.0, **zero_rates, **hyperparams),
+            lambda: base.factory(lr, **hyperparams),
+            lambda ps: base.torch_twin(ps, lr=lr, **hyperparams))
+
+
+# name: (functional rule at β = 0, the same HD rule's base, torch.optim twin): every HD rule of
+# the registry with the hyperparameters of its entry's example (and without them), plus rules
+# composed with hd_rule from directions that torch.optim also has
 TORCH_OPTIM_CASES = {
-    # name: (functional rule at β = 0, the same HD rule's base, torch.optim factory)
-    "sgd": (lambda: hdfunc.sgd_hd(0.1, 0.0), lambda: hdfunc.sgd(0.1),
-            lambda ps: torch.optim.SGD(ps, lr=0.1)),
-    "sgd_wd": (lambda: hdfunc.sgd_hd(0.1, 0.0, weight_decay=0.05),
-               lambda: hdfunc.sgd(0.1, weight_decay=0.05),
-               lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.05)),
-    "sgdn": (lambda: hdfunc.sgdn_hd(0.05, 0.0, momentum=0.8, weight_decay=0.01),
-             lambda: hdfunc.sgdn(0.05, momentum=0.8, weight_decay=0.01),
-             lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True,
-                                        weight_decay=0.01)),
-    "adam": (lambda: hdfunc.adam_hd(0.01, 0.0, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01),
-             lambda: hdfunc.adam(0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01),
-             lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.99), eps=1e-6,
-                                         weight_decay=0.01)),
-    "adamw": (lambda: hdfunc.adamw_hd(0.01, 0.0, weight_decay=0.1),
-              lambda: hdfunc.adamw(0.01, weight_decay=0.1),
-              lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1)),
+    **{info.name: _registered_case(info, 0.01 if "betas" in info.example else 0.05,
+                                   **info.example)
+       for info in hdfunc.REGISTRY.values() if info.is_hd},
+    **{f"{info.name}_defaults": _registered_case(info, 0.1, **{k: 0.0 for k in info.extra_rates})
+       for info in hdfunc.REGISTRY.values() if info.is_hd},
     "rmsprop": (lambda: hdfunc.hd_rule(hdfunc.scale_by_rms(0.9, 1e-8), 0.01, 0.0),
                 lambda: hdfunc.base_rule(hdfunc.scale_by_rms(0.9, 1e-8), 0.01),
                 lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.9, eps=1e-8)),
@@ -51,6 +53,23 @@ TORCH_OPTIM_CASES = {
                 lambda: hdfunc.base_rule(hdfunc.scale_by_adagrad(1e-10), 0.1),
                 lambda ps: torch.optim.Adagrad(ps, lr=0.1, eps=1e-10)),
 }
+
+
+def test_the_registry_pairs_every_rule():
+    """Every HD rule has a registered base twin with a torch.optim twin and an optimizer class
+    of that name in hdfunc.optim; every rule is exported from hdfunc under its name."""
+    for name, info in hdfunc.REGISTRY.items():
+        assert getattr(hdfunc, name) is info.factory and hdfunc.RULES[name] is info.factory
+        if info.is_hd:
+            base = hdfunc.rule_info(info.base)
+            assert not base.is_hd and base.torch_twin is not None
+            assert info.paper_hypergrad_lr is not None
+            assert len(info.extra_rates) == len(info.adapts) - 1
+        if info.adapts == ("lr",):  # the paper's HD rules: a class each, the base's HD variant
+            assert hdfunc.HD_VARIANTS[info.base] == name
+            assert info.optimizer_class().__name__ == info.optimizer
+    with pytest.raises(ValueError, match="unknown rule 'adamm'; choose one of sgd, sgd_hd"):
+        hdfunc.rule_info("adamm")
 
 
 @pytest.mark.parametrize("case", sorted(TORCH_OPTIM_CASES))
@@ -168,8 +187,9 @@ def test_property_random_problems_follow_the_algorithm_boxes(base, log_lr, log_b
 
 def test_rules_never_mutate_their_inputs():
     params, loss = make_problem()
-    for name, factory in hdfunc.RULES.items():
-        rule = factory(0.01, 0.01) if name.endswith("_hd") else factory(0.01)
+    for name, info in hdfunc.REGISTRY.items():
+        rule = (info.factory(0.01, 0.01, **{k: 1e-3 for k in info.extra_rates}) if info.is_hd
+                else info.factory(0.01))
         state = rule.init(params)
         for _ in range(2):  # a state that is not all zeros
             updates, state = rule.update(grad(loss)(params), state, params)

@@ -108,16 +108,24 @@ def test_seed_k_alone_equals_seed_k_in_a_batch():
 
 
 def test_minibatch_order_is_a_fresh_permutation_each_epoch():
-    n, b = 50, 8  # 6 full batches per epoch, 2 examples dropped
-    idx = minibatch_indices(7, 0, 18, n, b)
+    n, b = 50, 8  # drop_last: 6 full batches per epoch, 2 examples unused
+    idx = torch.stack(minibatch_indices(7, 0, 18, n, b, drop_last=True))
     for epoch in range(3):
         block = idx[6 * epoch:6 * (epoch + 1)].reshape(-1)
         assert block.unique().numel() == 48
     assert not torch.equal(idx[:6], idx[6:12])
-    assert torch.equal(minibatch_indices(7, 5, 4, n, b), idx[5:9])  # any window, same order
-    assert not torch.equal(minibatch_indices(8, 0, 6, n, b), idx[:6])  # seeds differ
+    assert torch.equal(torch.stack(minibatch_indices(7, 5, 4, n, b, drop_last=True)), idx[5:9])
+    assert not torch.equal(torch.stack(minibatch_indices(8, 0, 6, n, b, drop_last=True)), idx[:6])
     with pytest.raises(ValueError, match="larger than the dataset"):
-        minibatch_indices(0, 0, 1, 4, 8)
+        minibatch_indices(0, 0, 1, 4, 8, drop_last=True)
+    # default (torch DataLoader's drop_last=False): 7 steps per epoch, the last of 2 examples,
+    # every example exactly once per epoch, reshuffled each epoch
+    rows = minibatch_indices(7, 0, 21, n, b)
+    assert [len(r) for r in rows] == [8] * 6 + [2] + [8] * 6 + [2] + [8] * 6 + [2]
+    for epoch in range(3):
+        assert sorted(torch.cat(rows[7 * epoch:7 * (epoch + 1)]).tolist()) == list(range(n))
+    assert not torch.equal(torch.cat(rows[:7]), torch.cat(rows[7:14]))
+    assert [len(r) for r in minibatch_indices(0, 0, 1, 4, 8)] == [4]  # one small batch
 
 
 def test_init_is_the_seed_and_leaves_the_global_rng_alone():

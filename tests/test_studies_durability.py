@@ -415,7 +415,7 @@ def test_load_results_of_an_old_study_names_the_unreadable_line(study, tmp_path)
     csv = out / "steps.csv"
     data = csv.read_bytes()
     position = data.index(b"\n", len(data) // 2) + 1
-    csv.write_bytes(data[:position] + b"sgd,0.01,0.0,1,7,0.\0\0\0,0.01\n" + data[position:])
+    csv.write_bytes(data[:position] + b"sgd,0.01,0.0,1,7,1,0.\0\0\0,0.01\n" + data[position:])
     with pytest.raises(StudyDamagedError, match=r"steps\.csv line \d+ cannot be read .*float"):
         load_results(out)
     csv.write_bytes(data[:-20])

@@ -119,13 +119,13 @@ def test_full_mode_diagnoses_every_rule_error_on_every_problem():
 
 
 def _multiplicative(declared: bool):
-    law = hdfunc.HDConfig(mode="multiplicative") if declared else None
+    law = hdfunc.HDOptions(mode="multiplicative") if declared else None
     return planted.planted("sgd", None, law="multiplicative", rate_law=law)
 
 
 def test_a_rule_declaring_its_rate_law_is_checked_against_that_law():
     """A hand-written multiplicative (Eq. 8) rule passes when it declares
-    ``rate_law = HDConfig(mode="multiplicative")``, and fails the rate law when it does not
+    ``rate_law = HDOptions(mode="multiplicative")``, and fails the rate law when it does not
     (the oracle then holds it to the paper's additive law)."""
     good = verification.run([_multiplicative(True)], quick=True, problems=["quadratic", "mlp"])
     assert good.passed, "\n".join(o.message for o in good.failures)
@@ -136,13 +136,13 @@ def test_a_rule_declaring_its_rate_law_is_checked_against_that_law():
 
 def test_a_declared_law_must_match_the_state():
     rule = planted.PlantedRule("sgd", None, 0.1, 0.01,
-                               rate_law=hdfunc.HDConfig(lr_granularity="element"))
+                               rate_law=hdfunc.HDOptions(lr_granularity="element"))
     state = rule.init({"w": torch.zeros(3, dtype=torch.float64)})
     with pytest.raises(ValueError, match="declares lr_granularity='element'"):
         declared_law(rule, state)
-    with pytest.raises(TypeError, match="rate_law must be an hdfunc.HDConfig"):
+    with pytest.raises(TypeError, match="rate_law must be an hdfunc.HDOptions"):
         declared_law(rule._replace(rate_law="multiplicative"), state)
-    assert declared_law(planted.sgd_hd_correct(0.1, 0.01), state) == hdfunc.HDConfig()
+    assert declared_law(planted.sgd_hd_correct(0.1, 0.01), state) == hdfunc.HDOptions()
 
 
 def test_hd_rule_carries_its_law_to_the_oracle():

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from hdfunc import HDConfig
+from hdfunc import HDOptions
 from hdfunc.tree import (PyTree, first_leaf, tree_flatten, tree_leaves, tree_map, tree_unflatten,
                          tree_zeros_like)
 
@@ -68,7 +68,7 @@ class PlantedRule(NamedTuple):
     b2: float = 0.999
     eps: float = 1e-8
     law: str = "additive"
-    rate_law: Optional[HDConfig] = None
+    rate_law: Optional[HDOptions] = None
 
     def init(self, params: PyTree) -> PlantedState:
         leaf = first_leaf(params)

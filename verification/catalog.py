@@ -9,6 +9,7 @@ gradient-descent step of 0.5/L (see :func:`calibrate`).
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import os
 import sys
@@ -19,7 +20,7 @@ import torch
 from torch.func import grad
 
 import hdfunc
-from hdfunc.hypergradient import GRANULARITIES, MODES
+from hdfunc.options import GRANULARITIES, MODES
 from hdfunc.tree import tree_leaves, tree_sq_norm
 
 from verification.problems import Problem
@@ -47,6 +48,24 @@ class RuleSpec:
 
     ``base`` (fixed-rate twin (lr, eps_root), for β = 0 equivalence) and ``torch_optimizer`` (for the
     torch.optim equivalence) are given for the built-in rules only.
+
+    Attributes:
+        name: the rule's name in the report.
+        make: ``make(lr, hypergrad_lr, calibration) -> rule``.
+        family: the built-in base (``"adam"``, ...), or ``"user"``.
+        mode: "additive" or "multiplicative".
+        granularity: "global", "tensor" or "element".
+        higher_order: whether the rule adapts β too.
+        transition: whether the rule transitions to α_∞.
+        base: ``base(lr, eps_root) -> rule``, the fixed-rate twin, or None.
+        torch_optimizer: ``torch_optimizer(params, lr) -> optimizer``, the torch.optim twin, or
+            None.
+        notes: remarks shown in the report.
+        l2: the coupled weight decay λ the rule adds to g (it minimises f + ½λ‖θ‖²).
+        smooth: False for a rule that is only piecewise smooth over several steps.
+        adapts: for a hyperdescent rule, the hyperparameters it adapts.
+        unsupported: why the suite cannot verify this rule yet (its checks are then
+            INCONCLUSIVE), or empty.
     """
 
     name: str
@@ -61,10 +80,19 @@ class RuleSpec:
     notes: str = ""
     l2: float = 0.0  # coupled weight decay the rule adds to g: it minimises f + ½λ‖θ‖²
     smooth: bool = True  # False: piecewise smooth over several steps (see NONSMOOTH)
+    adapts: tuple[str, ...] = ()  # a hyperdescent rule: the hyperparameters it adapts
+    unsupported: str = ""  # why the suite cannot verify this rule yet (then INCONCLUSIVE)
 
     def objective(self, loss: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
         """The function the rule's hypergradient differentiates: the loss plus the rule's
-        coupled L2 penalty (ALGORITHMS.md: g_t includes the L2 term)."""
+        coupled L2 penalty (docs/algorithms.md: g_t includes the L2 term).
+
+        Args:
+            loss: the problem's loss, a function of the params.
+
+        Returns:
+            The loss plus ½λ‖θ‖² (the loss itself when the rule has no coupled L2 term).
+        """
         if self.l2 == 0:
             return loss
         l2 = self.l2
@@ -106,24 +134,35 @@ def calibrate(spec: RuleSpec, problem: Problem, params: Any = None) -> Calibrati
 COUPLED_L2 = {"sgd_hd+l2": 1e-2}  # bases whose g_t includes an L2 term λθ
 
 # base name -> (HD rule maker (lr, β, eps_root, **hd_options), fixed-rate twin (lr, eps_root),
-# torch.optim maker). eps_root is ignored by the bases without a square root.
-BASES: dict[str, tuple[Callable[..., Any], Callable[[float, float], Any],
-                       Optional[Callable[[list, float], Any]]]] = {
-    "sgd_hd": (lambda lr, b, r, **o: hdfunc.sgd_hd(lr, b, **o),
-               lambda lr, r: hdfunc.sgd(lr),
-               lambda ps, lr: torch.optim.SGD(ps, lr=lr)),
-    "sgd_hd+l2": (lambda lr, b, r, **o: hdfunc.sgd_hd(lr, b, weight_decay=1e-2, **o),
-                  lambda lr, r: hdfunc.sgd(lr, weight_decay=1e-2),
-                  lambda ps, lr: torch.optim.SGD(ps, lr=lr, weight_decay=1e-2)),
-    "sgdn_hd": (lambda lr, b, r, **o: hdfunc.sgdn_hd(lr, b, momentum=0.9, **o),
-                lambda lr, r: hdfunc.sgdn(lr, momentum=0.9),
-                lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, nesterov=True)),
-    "adam_hd": (lambda lr, b, r, **o: hdfunc.adam_hd(lr, b, eps_root=r, **o),
-                lambda lr, r: hdfunc.adam(lr, eps_root=r),
-                lambda ps, lr: torch.optim.Adam(ps, lr=lr)),
-    "adamw_hd": (lambda lr, b, r, **o: hdfunc.adamw_hd(lr, b, weight_decay=1e-2, eps_root=r, **o),
-                 lambda lr, r: hdfunc.adamw(lr, weight_decay=1e-2, eps_root=r),
-                 lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=1e-2)),
+# torch.optim maker). eps_root is passed only to the rules that take it (those with a square
+# root of a second moment). The library's named rules come from its registry (hdfunc.REGISTRY,
+# which pairs each HD rule with its base and torch.optim twins); the others are configurations
+# of them (coupled L2) and directions composed with hdfunc.hd_rule.
+Maker = Callable[..., Any]
+Base = tuple[Maker, Callable[[float, float], Any], Optional[Callable[[list, float], Any]]]
+
+
+def registered_base(name: str, **hyperparams: Any) -> Base:
+    """The makers of the registered HD rule ``name`` with ``hyperparams`` (and its twins)."""
+    info = hdfunc.rule_info(name)
+    twin = hdfunc.rule_info(info.base)
+    root = "eps_root" in inspect.signature(info.factory).parameters
+
+    def extra(eps_root: float) -> dict:
+        return {**hyperparams, "eps_root": eps_root} if root else dict(hyperparams)
+
+    return (lambda lr, b, r, **o: info.factory(lr, b, **extra(r), **o),
+            lambda lr, r: twin.factory(lr, **extra(r)),
+            lambda ps, lr: twin.torch_twin(ps, lr=lr, **hyperparams))
+
+
+BASES: dict[str, Base] = {
+    "sgd_hd": registered_base("sgd_hd"),
+    "sgd_hd+l2": registered_base("sgd_hd", weight_decay=1e-2),
+    "sgdn_hd": registered_base("sgdn_hd", momentum=0.9),
+    "adam_hd": registered_base("adam_hd"),
+    "adamw_hd": registered_base("adamw_hd", weight_decay=1e-2),
+    "sgdm_hd": registered_base("sgdm_hd", momentum=0.9),
     "rmsprop_hd": (lambda lr, b, r, **o: hdfunc.hd_rule(hdfunc.scale_by_rms(0.99, eps_root=r), lr,
                                                         b, name="rmsprop_hd", **o),
                    lambda lr, r: hdfunc.base_rule(hdfunc.scale_by_rms(0.99, eps_root=r), lr,
@@ -162,7 +201,21 @@ def _kappa(mode: str, calibration: Optional[Calibration]) -> float:
 
 def builtin_spec(base: str, *, granularity: str = "global", mode: str = "additive",
                  transition: bool = False, higher_order: bool = False) -> RuleSpec:
-    """The spec of a built-in HD rule ``base`` (a key of :data:`BASES`) in one variant."""
+    """The spec of a built-in HD rule ``base`` (a key of :data:`BASES`) in one variant.
+
+    Args:
+        base: the built-in rule, a key of :data:`BASES`.
+        granularity: the rate granularity: "global", "tensor" or "element".
+        mode: "additive" or "multiplicative".
+        transition: with the transition to α_∞ (``final_lr = α_0/2``).
+        higher_order: with the higher-order rule (κ from the calibration).
+
+    Returns:
+        The :class:`RuleSpec`.
+
+    Raises:
+        ValueError: ``base`` is not a built-in rule.
+    """
     if base not in BASES:
         raise ValueError(f"unknown built-in rule {base!r}; choose from {', '.join(BASES)}")
     maker, twin, optimizer = BASES[base]
@@ -186,7 +239,11 @@ def builtin_spec(base: str, *, granularity: str = "global", mode: str = "additiv
 
 def all_builtin_specs() -> list[RuleSpec]:
     """Every built-in base in every variant: granularity × mode, the transition to α_∞, and
-    the higher-order rule (additive and multiplicative)."""
+    the higher-order rule (additive and multiplicative).
+
+    Returns:
+        The :class:`RuleSpec` of every built-in variant.
+    """
     specs = []
     for base in BASES:
         for granularity in GRANULARITIES:
@@ -203,7 +260,11 @@ def all_builtin_specs() -> list[RuleSpec]:
 def quick_specs() -> list[RuleSpec]:
     """A representative subset: every base direction family (SGD with and without coupled L2,
     SGDN, Adam, AdamW and the composed RMSprop, Adagrad and Lion), every granularity, both
-    modes, the transition and the higher-order variants."""
+    modes, the transition and the higher-order variants.
+
+    Returns:
+        The :class:`RuleSpec` of the quick subset.
+    """
     return [
         builtin_spec("sgd_hd"),
         builtin_spec("sgd_hd+l2", granularity="tensor"),
@@ -228,7 +289,18 @@ def user_spec(factory: Callable[[float, float], Any], name: Optional[str] = None
     rule's state holds an HD node, an :class:`hdfunc.HDState` or any NamedTuple with fields
     ``lr``, ``hypergrad_lr`` and ``hypergrad``). A factory with the attribute ``smooth =
     False`` (a sign-based direction, say) skips the finite differences of the multi-step
-    checks, as the built-in Lion does (see NONSMOOTH)."""
+    checks, as the built-in Lion does (see NONSMOOTH).
+
+    Args:
+        factory: the user's factory ``factory(lr, hypergrad_lr) -> rule``.
+        name: the rule's name in the report (default: the factory's ``__name__``).
+
+    Returns:
+        The :class:`RuleSpec` of family "user".
+
+    Raises:
+        TypeError: ``factory`` is not callable, or its ``smooth`` attribute is not a bool.
+    """
     if not callable(factory):
         raise TypeError(f"a rule factory must be callable, got {type(factory).__name__}")
     name = name or getattr(factory, "__name__", "user_rule")
@@ -239,11 +311,23 @@ def user_spec(factory: Callable[[float, float], Any], name: Optional[str] = None
         hyper = node is not None and bool(tree_leaves(getattr(node, "hyper_hypergrad", ())))
     except Exception:  # noqa: BLE001 - the checks themselves report a broken factory
         pass
+    adapts: tuple[str, ...] = ()
+    unsupported = ""
+    try:  # a rule built by hdfunc.hyperdescent is checked per adapted hyperparameter
+        from verification.hyperdescent import adapted_names
+        probe = factory(1e-3, 1e-3)
+        adapts = adapted_names(probe, {"x": torch.zeros(2, dtype=torch.float64)})
+        if getattr(getattr(probe, "rate_law", None), "lr_schedule", None) is not None:
+            unsupported = ("a rule with lr_schedule (a factor s(t-1) on the adapted rate) is not "
+                           "verified yet: the checks take the applied rate to be the adapted "
+                           "one; verify the rule without its schedule")
+    except Exception:  # noqa: BLE001 - the checks themselves report a broken factory
+        pass
     smooth = getattr(factory, "smooth", True)
     if not isinstance(smooth, bool):
         raise TypeError(f"{name}.smooth must be True or False, got {smooth!r}")
     return RuleSpec(name, lambda lr, beta, calibration: factory(lr, beta), family="user",
-                    higher_order=hyper, smooth=smooth)
+                    higher_order=hyper, smooth=smooth, adapts=adapts, unsupported=unsupported)
 
 
 def load_factory(target: str) -> Callable[[float, float], Any]:

@@ -1,9 +1,9 @@
-"""Functional rules ≡ other front ends of the project (the optimizer classes of ``hdfunc.optim``,
-when that module exists). Without it this module contributes no checks."""
+"""Functional rules ≡ other front ends of the project: each optimizer class of ``hdfunc.optim``
+that the rule registry (``hdfunc.REGISTRY``) pairs with an HD rule takes that rule's steps."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -14,32 +14,24 @@ from verification.catalog import builtin_spec, calibrate
 from verification.report import judged
 
 
-def _find_class(module: Any, rule_name: str) -> Any:
-    """The optimizer class for ``rule_name`` (e.g. sgd_hd -> SGDHD / SgdHd / SGD_HD)."""
-    key = rule_name.replace("_", "").lower()
-    for name in getattr(module, "__all__", None) or vars(module):
-        value = getattr(module, name, None)
-        if callable(value) and name.replace("_", "").lower() == key:
-            return value  # an Optimizer subclass, or a function that returns one
-    return None
-
-
-def check_front_end(cls: Any, rule_name: str, problem: Any, steps: int) -> list:
-    """The optimizer class ``cls`` takes the same steps as the functional rule ``rule_name``
-    with the same α_0 and β."""
+def check_front_end(cls: Any, rule_name: str, problem: Any, steps: int,
+                    options: Optional[dict] = None) -> list:
+    """The optimizer class ``cls`` (built with ``options`` besides α_0 and β) takes the same
+    steps as the functional rule ``rule_name`` with the same α_0 and β."""
     spec = builtin_spec(rule_name)
     calibration = calibrate(spec, problem)
     lr, beta = calibration.lr, calibration.hypergrad_lr
     ours = C.run_trajectory(hdfunc.RULES[rule_name](lr, beta), problem.loss, problem.params, steps)
-    hypergrads = []  # the optimizer's h_t, where it exposes its HD state (param_groups' hd_state)
+    hypergrads = []  # the optimizer's h_t, where it exposes it (hd_stats(), as hdfunc.optim)
 
     def record(optimizer: Any) -> None:
-        hd = optimizer.param_groups[0].get("hd_state")
-        if isinstance(hd, dict) and isinstance(hd.get("hypergrad"), torch.Tensor):
-            hypergrads.append(hd["hypergrad"].detach().clone())
+        stats = optimizer.hd_stats()[0] if hasattr(optimizer, "hd_stats") else {}
+        if isinstance(stats.get("hypergrad"), torch.Tensor):
+            hypergrads.append(stats["hypergrad"])  # h_t (hd_stats() returns copies)
 
     theirs, _ = C.optimizer_trajectory(
-        problem, lambda tensors: cls(tensors, lr=lr, hypergrad_lr=beta), steps, record)
+        problem, lambda tensors: cls(tensors, **{**(options or {}), "lr": lr, "hypergrad_lr": beta}),
+        steps, record)
     name = getattr(cls, "__name__", "optimizer")
     dtype = C.dtype_name(problem.dtype)
     tol = C.tolerance(problem.dtype, "front_end")
@@ -59,19 +51,19 @@ def check_front_end(cls: Any, rule_name: str, problem: Any, steps: int) -> list:
 
 
 def front_end_tasks(plan: Any, problem: Callable[..., Any], *, quick: bool) -> list:
-    try:
-        import hdfunc.optim as optim  # written separately; optional
-    except ImportError:
-        return []
+    """One task per problem (the first only in quick mode) for each registered HD rule with an
+    optimizer class that the catalogue verifies."""
+    from verification.catalog import BASES
     from verification.suite import Task
     tasks = []
-    for rule_name in hdfunc.HD_OF.values():
-        cls = _find_class(optim, rule_name)
-        if cls is None:
+    for rule_name, info in hdfunc.REGISTRY.items():
+        if info.optimizer is None or rule_name not in BASES:
             continue
+        cls = info.optimizer_class()
         for name in plan.problems[:1] if quick else plan.problems:
             tasks.append(Task(f"{rule_name} / {name} / hdfunc.optim",
-                              lambda cls=cls, rule_name=rule_name, name=name: check_front_end(
-                                  cls, rule_name, problem(name), plan.equivalence_steps),
+                              lambda cls=cls, rule_name=rule_name, name=name,
+                              options=info.optimizer_options: check_front_end(
+                                  cls, rule_name, problem(name), plan.equivalence_steps, options),
                               C.FRONT_END, rule_name, name))
     return tasks

@@ -3,8 +3,8 @@ step alone, against which the rule's whole trajectory is certified.
 
 From the rule the oracle takes only the step with a given rate, u_t(γ) = the rule's update with
 β frozen to 0 and the rate set to γ (:func:`hdfunc.freeze_lr`), and the rate law the rule
-declares (its ``rate_law``, an :class:`hdfunc.HDConfig`; by default the paper's additive rule at
-the granularity of the state's ``lr``). Everything else is the definition (ALGORITHMS.md;
+declares (its ``rate_law``, an :class:`hdfunc.HDOptions`; by default the paper's additive rule at
+the granularity of the state's ``lr``). Everything else is the definition (docs/algorithms.md;
 Baydin et al. 2018, §2 Eqs. 2-4 and 7-8, §5.1, §5.2), computed by autodiff:
 
     h_t      = d/dγ f(θ_{t-2} + u_{t-1}(γ)) at γ = γ_{t-1}             (reverse mode)
@@ -38,7 +38,7 @@ import torch
 from torch.func import grad, jvp
 
 import hdfunc
-from hdfunc.hypergradient import HDConfig
+from hdfunc.options import HDOptions
 from hdfunc.tree import PyTree, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from verification.conditioning import (CONDITIONING_SAFETY, ILL_CONDITIONED, perturb,
@@ -105,16 +105,16 @@ TOLERANCES = {torch.float64: {HYPERGRAD: 1e-10, HYPER_HYPERGRAD: 1e-10, BETA: 1e
 # ----------------------------------------------------------------------------- the declared law
 
 
-def declared_law(rule: Any, state: Any) -> HDConfig:
+def declared_law(rule: Any, state: Any) -> HDOptions:
     """The rate law ``rule`` declares (``rule.rate_law``), or the paper's additive rule at the
     granularity of the state's ``lr``. A declared granularity must match the state's."""
     node = hdfunc.find_lr_state(state)
     granularity = rate_granularity(node.lr)
     law = getattr(rule, "rate_law", None)
     if law is None:
-        return HDConfig(lr_granularity=granularity)
-    if not isinstance(law, HDConfig):
-        raise TypeError(f"rate_law must be an hdfunc.HDConfig, got {type(law).__name__}")
+        return HDOptions(lr_granularity=granularity)
+    if not isinstance(law, HDOptions):
+        raise TypeError(f"rate_law must be an hdfunc.HDOptions, got {type(law).__name__}")
     if law.lr_granularity != granularity:
         raise ValueError(f"the rule declares lr_granularity={law.lr_granularity!r} but the lr in "
                          f"its state is a {granularity} rate")
@@ -146,7 +146,7 @@ def _sqrt_positive(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return positive, torch.where(positive, x, 1).sqrt()  # no sqrt'(0) = inf in autodiff
 
 
-def rate_law(law: HDConfig, lr: list, beta: torch.Tensor, hypergrad: list, grad_sq: list,
+def rate_law(law: HDOptions, lr: list, beta: torch.Tensor, hypergrad: list, grad_sq: list,
              direction_sq: list) -> list:
     """α_t from α_{t-1}, β_t, h_t (and, for Eq. 8, ‖g_t‖², ‖∇_γ u_{t-1}‖²) at the rates'
     granularity: the paper's additive or multiplicative rule, then the bounds; a non-finite
@@ -168,7 +168,7 @@ def rate_law(law: HDConfig, lr: list, beta: torch.Tensor, hypergrad: list, grad_
     return out
 
 
-def beta_law(law: HDConfig, beta: torch.Tensor, hyper: torch.Tensor, dloss_dlr: list,
+def beta_law(law: HDOptions, beta: torch.Tensor, hyper: torch.Tensor, dloss_dlr: list,
              dlr_dbeta: list) -> torch.Tensor:
     """β_t from β_{t-1} and ∂f(θ_{t-1})/∂β (§5.2): additive, or normalised by the norms of
     ∂f/∂α_{t-1} and ∂α_{t-1}/∂β as in Eq. 8."""
@@ -185,7 +185,7 @@ def beta_law(law: HDConfig, beta: torch.Tensor, hyper: torch.Tensor, dloss_dlr: 
     return new
 
 
-def applied_rate(law: HDConfig, t: int, lr: list, final_lr: list) -> list:
+def applied_rate(law: HDOptions, t: int, lr: list, final_lr: list) -> list:
     """γ_t = δ(t) α_t + (1 - δ(t)) α_∞ with a transition (§5.1), else α_t."""
     if not law.has_final_lr:
         return list(lr)
@@ -193,7 +193,7 @@ def applied_rate(law: HDConfig, t: int, lr: list, final_lr: list) -> list:
     return [delta * a + (1 - delta) * f for a, f in zip(lr, final_lr)]
 
 
-def transition_slope(law: HDConfig, t: int, like: torch.Tensor) -> Any:
+def transition_slope(law: HDOptions, t: int, like: torch.Tensor) -> Any:
     """∂γ_t/∂α_t."""
     if not law.has_final_lr:
         return 1.0
@@ -230,7 +230,7 @@ class OracleProblem:
     rule: Any
     loss: Callable[[PyTree], torch.Tensor]  # what the rule is fed the gradient of
     objective: Callable[[PyTree], torch.Tensor]  # what its hypergradients differentiate
-    law: HDConfig
+    law: HDOptions
     rate_spec: Any  # tree structure of the rates
 
     def step(self, grads: PyTree, state: Any, params: PyTree, rate: PyTree) -> tuple[PyTree, Any]:

@@ -31,6 +31,19 @@ class Problem:
     a safe gradient-descent step there. ``hessian`` is the constant Hessian of a quadratic
     (over the flattened params, in ``tree_flatten`` order) and ``linear_term`` its linear
     term: loss(θ) = ½ θᵀAθ - bᵀθ.
+
+    Attributes:
+        name: the problem's name (one of :data:`PROBLEM_NAMES`, or a scaled variant).
+        params: the starting point, a pytree of tensors.
+        loss: the loss, a function of the params.
+        smoothness: the estimate of L at the start.
+        description: the problem in words, for the report.
+        hessian: the quadratic's constant Hessian A, or None.
+        linear_term: the quadratic's linear term b, or None.
+        seed: the seed the problem was built with.
+        smooth: False for a piecewise smooth loss (ReLU), whose K-step finite differences may
+            cross a kink.
+        exact_zeros: whether some gradient entries are exactly zero at every step (dead units).
     """
 
     name: str
@@ -256,7 +269,21 @@ BUILDERS: dict[str, Callable[..., Problem]] = {
 
 def make_problem(name: str, seed: int = 0, dtype: torch.dtype = torch.float64,
                  device: Any = "cpu", **options: Any) -> Problem:
-    """Build the problem called ``name`` (one of :data:`PROBLEM_NAMES`)."""
+    """Build the problem called ``name`` (one of :data:`PROBLEM_NAMES`).
+
+    Args:
+        name: the problem, one of :data:`PROBLEM_NAMES`.
+        seed: the seed of its data and starting point.
+        dtype: the dtype of its params and data.
+        device: the device of its params and data.
+        **options: the problem builder's own options (e.g. ``condition`` of the quadratic).
+
+    Returns:
+        The :class:`Problem`.
+
+    Raises:
+        ValueError: ``name`` is not a known problem.
+    """
     if name not in BUILDERS:
         raise ValueError(f"unknown problem {name!r}; choose from {', '.join(PROBLEM_NAMES)}")
     return BUILDERS[name](seed, dtype, device, **options)

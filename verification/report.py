@@ -25,7 +25,22 @@ class Outcome:
     derivative from a wrong one here (an unroll so ill-conditioned that rounding alone could
     explain the difference, a finite difference whose own error is too large): it neither
     passes nor fails, and ``message`` says why. ``first_step`` is the first step at which a
-    step-by-step comparison failed (the oracle's), for the diagnosis."""
+    step-by-step comparison failed (the oracle's), for the diagnosis.
+
+    Attributes:
+        check: the check's name.
+        method: how the reference was computed.
+        rule: the rule's name.
+        problem: the problem's name.
+        dtype: the dtype compared in.
+        max_abs_err: the largest absolute error.
+        max_rel_err: ``max_abs_err`` / scale.
+        tolerance: the largest ``max_rel_err`` that passes.
+        verdict: PASS, FAIL, INCONCLUSIVE or ERROR.
+        where: where the comparison was made (seed, step t, K ...).
+        message: a failure or an inconclusive result explained in words.
+        first_step: the first step at which a step-by-step comparison failed, or None.
+    """
 
     check: str
     method: str
@@ -103,7 +118,17 @@ def errored(check: str, rule: str, problem: str, dtype: str, where: str,
 class Finding:
     """How HD's greedy one-step hypergradient compares with the exact K-step one (not a test):
     sign agreement (fraction of rate entries × seeds with the same sign), cosine similarity
-    (over the same entries) and the median ratio |exact| / |greedy|."""
+    (over the same entries) and the median ratio |exact| / |greedy|.
+
+    Attributes:
+        rule: the rule's name.
+        problem: the problem's name.
+        steps: K, the steps of the exact hypergradient.
+        sign_agreement: the fraction of entries with the same sign.
+        cosine: the cosine similarity.
+        samples: the number of entries compared.
+        magnitude_ratio: the median |exact| / |greedy|.
+    """
 
     rule: str
     problem: str
@@ -151,7 +176,11 @@ class Report:
 
     def diagnoses(self) -> list[str]:
         """For each rule the oracle failed: the first part of the HD step that differs from the
-        definition (earliest step, then the algorithm's order), where, and what to look at."""
+        definition (earliest step, then the algorithm's order), where, and what to look at.
+
+        Returns:
+            One line per rule that failed the oracle (empty if none did).
+        """
         from verification.oracle import HINT, ORACLE, PARTS
         first: dict[str, Outcome] = {}
         for o in self.outcomes:
@@ -174,6 +203,12 @@ class Report:
         return counts
 
     def summary(self) -> str:
+        """The verdict and the counts in one line (not the per-check table:
+        :meth:`summary_table`).
+
+        Returns:
+            The one-line summary.
+        """
         c = self.counts()
         rules = len({o.rule for o in self.outcomes})
         problems = len({o.problem for o in self.outcomes})
@@ -186,7 +221,12 @@ class Report:
 
     # ------------------------------------------------------------------ rows
     def rows(self) -> list[dict[str, Any]]:
-        """One row per (check, method, rule, problem, dtype): the worst outcome."""
+        """One row per (check, method, rule, problem, dtype): the worst outcome (the rows of
+        :meth:`table`; per check and method only: :meth:`rows_by_check`).
+
+        Returns:
+            The rows, as dicts from column name to value.
+        """
         worst: dict[tuple, Outcome] = {}
         count: dict[tuple, int] = {}
         for o in self.outcomes:
@@ -203,9 +243,13 @@ class Report:
                          "tolerance": o.tolerance, "verdict": o.verdict, "n": count[key]})
         return rows
 
-    def check_summary(self) -> list[dict[str, Any]]:
+    def rows_by_check(self) -> list[dict[str, Any]]:
         """One row per (check, method): how many comparisons, rules and problems, and the worst
-        outcome (largest error relative to its tolerance) with where it happened."""
+        outcome (largest error relative to its tolerance) with where it happened.
+
+        Returns:
+            The rows, as dicts from column name to value.
+        """
         groups: dict[tuple, list[Outcome]] = {}
         for o in self.outcomes:
             groups.setdefault((o.check, o.method), []).append(o)
@@ -222,10 +266,16 @@ class Report:
                          "verdict": verdict})
         return rows
 
+    check_summary = rows_by_check  # the earlier name
+
     def summary_table(self) -> str:
-        """The per-check summary as aligned text."""
+        """The per-check summary (:meth:`rows_by_check`) as aligned text.
+
+        Returns:
+            The table as text.
+        """
         columns = ["check", "n", "rules", "problems", "max rel err", "worst", "verdict"]
-        return _text_table(columns, [[_cell(r[c]) for c in columns] for r in self.check_summary()])
+        return _text_table(columns, [[_cell(r[c]) for c in columns] for r in self.rows_by_check()])
 
     def table(self, failures_only: bool = False) -> str:
         rows = [r for r in self.rows() if not failures_only or r["verdict"] != PASS]
@@ -257,7 +307,14 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Report":
-        """The report that :meth:`to_dict` (``--json``) wrote, e.g. to re-render its Markdown."""
+        """The report that :meth:`to_dict` (``--json``) wrote, e.g. to re-render its Markdown.
+
+        Args:
+            data: the dict that :meth:`to_dict` wrote (read back from JSON).
+
+        Returns:
+            The :class:`Report`.
+        """
         numbers = ("max_abs_err", "max_rel_err", "tolerance")
         outcomes = [Outcome(**{k: _number(v, math.inf) if k in numbers else v
                                for k, v in o.items()}) for o in data.get("outcomes", [])]
@@ -298,7 +355,7 @@ class Report:
                   "and where it was.", "",
                   "| check | comparisons | rules | problems | max rel err | worst (rel err / tolerance) | at | verdict |",
                   "| --- | ---: | ---: | ---: | ---: | --- | --- | --- |"]
-        for r in self.check_summary():
+        for r in self.rows_by_check():
             lines.append("| " + " | ".join(_cell(r[c]) for c in (
                 "check", "n", "rules", "problems", "max rel err", "worst", "at", "verdict")) + " |")
         if self.findings:

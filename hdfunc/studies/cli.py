@@ -83,6 +83,14 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def build_parser(prog: str = "hdfunc study") -> argparse.ArgumentParser:
+    """The argument parser of ``hdfunc study``.
+
+    Args:
+        prog: the program name shown in usage and errors.
+
+    Returns:
+        The parser.
+    """
     parser = argparse.ArgumentParser(
         prog=prog, description="Batched multi-seed optimizer studies with torch.func.vmap "
         "(Baydin et al. 2018 settings by default: batch 128, weight decay 1e-4, momentum 0.9, "
@@ -105,7 +113,23 @@ def build_parser(prog: str = "hdfunc study") -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=_seeds, help="8 (seeds 0..7), 0-15 or 3,5,7")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--steps", type=int, help="iterations per run")
-    group.add_argument("--epochs", type=float, help="epochs per run")
+    group.add_argument("--epochs", type=float, help="epochs per run (an epoch: ceil(N/batch) "
+                       "steps, the last minibatch smaller; floor(N/batch) with --drop-last)")
+    parser.add_argument("--drop-last", action="store_true", default=None,
+                        help="epochs of full minibatches only (the remainder unused)")
+    parser.add_argument("--validation-fraction", type=float, metavar="F",
+                        help="hold out this share of the training data for validation (0: no "
+                             "validation; default: the standard test split when training on the "
+                             "training split, e.g. MNIST 60k/10k)")
+    parser.add_argument("--target-loss", type=float, help="measure iterations until the "
+                        "smoothed minibatch loss reaches this value")
+    parser.add_argument("--target-window", type=int, help="steps averaged for --target-loss "
+                        "(default 50)")
+    parser.add_argument("--metric", help="metric of the printed table and paired tests: "
+                        "final_loss (default), epoch_loss, val_loss, val_accuracy, best_val_loss, "
+                        "iterations_to_target")
+    parser.add_argument("--plot-only", type=Path, metavar="DIR", help="redraw the figures of the "
+                        "finished study in DIR (and print its table); trains nothing")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--weight-decay", type=float)
     parser.add_argument("--momentum", type=float)
@@ -125,11 +149,26 @@ def build_parser(prog: str = "hdfunc study") -> argparse.ArgumentParser:
 
 
 FIELDS = ("problem", "optimizers", "lr0", "beta", "seeds", "steps", "epochs", "batch_size",
+          "drop_last", "validation_fraction", "target_loss", "target_window", "metric",
           "weight_decay", "momentum", "device", "dtype", "chunk_size", "compile", "threads", "log_every",
           "checkpoint_every", "name")
 
 
 def config_from_args(args: argparse.Namespace) -> "StudyConfig":
+    """The study of the command line: the study file (``--config``) if given, overridden by the
+    options given; a relative ``data_dir`` of a study file is taken from the file's folder.
+
+    Args:
+        args: the parsed command line (:func:`build_parser`).
+
+    Returns:
+        The study's configuration.
+
+    Raises:
+        ValueError: a bad setting.
+        TypeError: a setting of the wrong type.
+        OSError: the study file cannot be read.
+    """
     from hdfunc.studies.config import StudyConfig
 
     overrides = {f: getattr(args, f) for f in FIELDS if getattr(args, f) is not None}
@@ -138,13 +177,7 @@ def config_from_args(args: argparse.Namespace) -> "StudyConfig":
     if args.epochs is not None:
         overrides["steps"] = None
     if args.config is not None:
-        base = StudyConfig.from_toml(args.config).to_dict()
-        file_options = dict(base.get("problem_options") or {})
-        if file_options.get("data_dir"):  # a study file's relative folder: from the file's folder
-            from hdfunc.studies.data import resolve_data_dir
-            file_options["data_dir"] = str(resolve_data_dir(file_options["data_dir"],
-                                                            relative_to=args.config.parent))
-            base["problem_options"] = file_options
+        base = StudyConfig.from_toml(args.config).to_dict()  # (data_dir from the file's folder)
     else:
         base = {}
         if "steps" not in overrides and "epochs" not in overrides:
@@ -159,15 +192,33 @@ def config_from_args(args: argparse.Namespace) -> "StudyConfig":
 
 
 def fail(message: Any) -> int:
-    """Print a one-line error (status 2: bad settings, data or files)."""
+    """Print a one-line error (status 2: bad settings, data or files).
+
+    Args:
+        message: the error (its text is joined onto one line).
+
+    Returns:
+        2, the exit status.
+    """
     text = " ".join(str(message).split())
     print(f"hdfunc study: error: {text}", file=sys.stderr)
     return 2
 
 
 def main(argv: list[str] | None = None, prog: str = "hdfunc study") -> int:
+    """``hdfunc study``: run (or resume) a study from the command line.
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+        prog: the program name shown in usage and errors.
+
+    Returns:
+        The exit status: 0 done, 2 bad settings, data or files, 130 interrupted.
+    """
     parser = build_parser(prog)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.plot_only is not None:
+        return plot_only(args)
     if args.resume and args.out is None:
         parser.error("--resume needs --out (the folder of the study to continue)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.out is None:
@@ -193,8 +244,41 @@ def main(argv: list[str] | None = None, prog: str = "hdfunc study") -> int:
         return run(args, config)
 
 
+def plot_only(args: argparse.Namespace) -> int:
+    """``--plot-only DIR``: redraw the figures of a finished study and print its table.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit status: 0 done, 2 no (readable) study in DIR or a bad --metric.
+    """
+    from hdfunc.studies.plots import plot_study
+    from hdfunc.studies.results import load_results
+    from hdfunc.studies.storage import StudyError
+    try:
+        results = load_results(args.plot_only)
+        table = results.summary_table(args.metric)
+        written = [] if args.no_plots else plot_study(results, args.plot_only / "plots")
+    except (StudyError, FileNotFoundError, ValueError) as error:
+        return fail(error)
+    print(f"\n{results.problem}\n")
+    print(table)
+    for path in written:
+        print(path)
+    return 0
+
+
 def run(args: argparse.Namespace, config: "StudyConfig") -> int:
-    """Run the study of ``args``; errors end with one line and status 2."""
+    """Run the study of ``args``; errors end with one line and status 2.
+
+    Args:
+        args: the parsed command line.
+        config: the study (:func:`config_from_args`).
+
+    Returns:
+        The exit status: 0 done, 2 an error, 130 interrupted.
+    """
     from hdfunc.studies.data import DatasetError
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -216,7 +300,7 @@ def run(args: argparse.Namespace, config: "StudyConfig") -> int:
         return 130
     if results is not None:
         print(f"\n{results.problem}\n")
-        print(results.summary_table())
+        print(results.summary_table(args.metric))
         if args.out is not None:
             print(f"\nresults in {args.out}/ (steps.csv, summary.json"
                   f"{', plots/' if not args.no_plots else ''})")

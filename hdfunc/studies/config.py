@@ -15,15 +15,32 @@ from typing import Any, NamedTuple
 import hdfunc
 
 #: The paper's β for each HD rule (β = 1e-3 for the SGD family, 1e-7 for Adam; §4).
-PAPER_BETA = {"sgd_hd": 1e-3, "sgdn_hd": 1e-3, "adam_hd": 1e-7, "adamw_hd": 1e-7}
-BASE_OF = {hd: base for base, hd in hdfunc.HD_OF.items()}
+PAPER_BETA = {name: info.paper_hypergrad_lr for name, info in hdfunc.REGISTRY.items()
+              if info.paper_hypergrad_lr is not None}
+BASE_OF = {name: info.base for name, info in hdfunc.REGISTRY.items() if info.is_hd}
 #: Options of the study that do not change its numbers (free to change on --resume).
 RUNTIME_FIELDS = ("device", "compile", "checkpoint_every", "checkpoint_seconds", "chunk_size",
-                  "threads")
+                  "threads", "metric")
+#: Per-run numbers that statistics can be computed over (``metric``), and whether higher is better.
+METRICS = {
+    "final_loss": False,  # mean loss over the whole training set after the last step
+    "epoch_loss": False,  # mean minibatch training loss of the last epoch (the paper's)
+    "val_loss": False,  # validation loss after the last epoch
+    "val_accuracy": True,  # validation accuracy after the last epoch
+    "best_val_loss": False,  # the lowest validation loss over the epochs
+    "iterations_to_target": False,  # steps until the smoothed minibatch loss <= target_loss
+}
 
 
 class RunKey(NamedTuple):
-    """One run of a study: optimizer label, α_0, β (0 for base optimizers) and seed."""
+    """One run of a study: optimizer label, α_0, β (0 for base optimizers) and seed.
+
+    Attributes:
+        optimizer: the optimizer's label.
+        lr0: α_0.
+        beta: β (0 for a base optimizer).
+        seed: the run's seed.
+    """
 
     optimizer: str
     lr0: float
@@ -35,7 +52,13 @@ class RunKey(NamedTuple):
 class OptimizerSpec:
     """A rule of :data:`hdfunc.RULES` plus extra keyword options (e.g. HD variants), shown as
     ``label``. Written ``"sgd_hd"`` or ``"sgd_hd:mode=multiplicative:lr_granularity=tensor"``
-    on the command line, or ``{name = "sgd_hd", mode = "multiplicative"}`` in a study file."""
+    on the command line, or ``{name = "sgd_hd", mode = "multiplicative"}`` in a study file.
+
+    Attributes:
+        name: the rule's name, a key of :data:`hdfunc.RULES`.
+        options: the extra keyword options, as sorted (key, value) pairs.
+        label: the optimizer's name in the study's tables and plots.
+    """
 
     name: str
     options: tuple = ()  # sorted (key, value) pairs
@@ -74,7 +97,17 @@ def _parse_value(text: str) -> Any:
 
 def log_grid(text: str) -> list[float]:
     """``"low:high:n"`` → n values log-spaced from ``low`` to ``high`` (both included), e.g.
-    ``"1e-6:1e-1:6"`` → [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]."""
+    ``"1e-6:1e-1:6"`` → [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1].
+
+    Args:
+        text: the grid, written ``"low:high:n"``.
+
+    Returns:
+        The n values, from ``low`` to ``high``.
+
+    Raises:
+        ValueError: ``text`` is not ``low:high:n``, or low or high is not positive or n < 1.
+    """
     parts = text.replace(" ", "").split(":")
     try:
         low, high, count = float(parts[0]), float(parts[1]), int(parts[2])
@@ -91,7 +124,20 @@ def log_grid(text: str) -> list[float]:
 
 
 def parse_optimizer(spec: str | dict | OptimizerSpec) -> OptimizerSpec:
-    """An :class:`OptimizerSpec` from ``"name[:key=value...]"`` or a dict with ``name``."""
+    """An :class:`OptimizerSpec` from ``"name[:key=value...]"`` or a dict with ``name``.
+
+    Args:
+        spec: ``"name[:key=value...]"``, a dict with ``name`` (and options), or an
+            :class:`OptimizerSpec` (returned as it is).
+
+    Returns:
+        The :class:`OptimizerSpec`.
+
+    Raises:
+        ValueError: an unknown rule, a malformed option, a missing ``name``, or ``lr``/
+            ``hypergrad_lr`` given as an option.
+        TypeError: ``spec`` is not a string, a dict or an OptimizerSpec.
+    """
     if isinstance(spec, OptimizerSpec):
         return spec
     if isinstance(spec, str):
@@ -125,7 +171,45 @@ def parse_optimizer(spec: str | dict | OptimizerSpec) -> OptimizerSpec:
 class StudyConfig:
     """Everything that defines a study. Defaults are the paper's settings (batch 128, L2 weight
     decay 1e-4, μ = 0.9, α_0 = 1e-3, β = 1e-3 for SGD-HD/SGDN-HD and 1e-7 for Adam-HD) on the
-    built-in synthetic classification problem."""
+    built-in synthetic classification problem.
+
+    Args:
+        problem: the problem's name, a key of :data:`hdfunc.studies.PROBLEMS`.
+        problem_options: the problem's options (``data_dir``, ``hidden``, ``limit``, ...).
+        optimizers: the optimizers: names or ``"name:key=value..."`` strings, or dicts with
+            ``name``.
+        lr0: the initial learning rates α_0, or a log-spaced grid ``"low:high:n"``.
+        beta: β for every HD optimizer (a list), per optimizer label (a dict), or None for the
+            paper's value of each HD rule.
+        seeds: a count n (seeds 0..n-1) or a list of seeds.
+        steps: the steps of each run (give this or ``epochs``).
+        epochs: the epochs of each run, an alternative to ``steps``.
+        batch_size: the minibatch size.
+        drop_last: epochs of ⌊N / batch_size⌋ full minibatches instead of ⌈N / batch_size⌉.
+        validation_fraction: the share of the training examples held out for validation (0:
+            none; None: the problem's standard held-out split, if any).
+        target_loss: the loss whose iterations to target are measured (None: not measured).
+        target_window: the steps over which the minibatch loss is averaged for ``target_loss``.
+        metric: the metric of the printed table and the paired tests, one of :data:`METRICS`.
+        weight_decay: the L2 weight decay of the rules that take it.
+        momentum: μ of the rules that take it.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+        dtype: ``"float32"`` or ``"float64"``.
+        chunk_size: the runs trained at once (None: as many as fit in memory).
+        compile: ``torch.compile`` the batched step.
+        threads: torch's intra-op CPU threads while the study runs (None: torch's setting).
+        eval_final: compute the final loss over the whole training set (else: last minibatch).
+        log_every: the steps between rows of the CSV (the first and last step always).
+        checkpoint_every: the steps between mid-chunk checkpoints (0: every
+            ``checkpoint_seconds``).
+        checkpoint_seconds: the seconds between mid-chunk checkpoints.
+        name: the study's name, shown in the plots.
+
+    Raises:
+        TypeError: ``problem`` is not a name or ``problem_options`` not a dict.
+        ValueError: a setting is out of range or inconsistent (e.g. both ``steps`` and
+            ``epochs``).
+    """
 
     problem: str = "classification"
     problem_options: dict = field(default_factory=dict)
@@ -136,8 +220,22 @@ class StudyConfig:
     beta: Any = None
     seeds: Any = 8  # an int n (seeds 0..n-1) or a list of ints
     steps: int | None = None
-    epochs: float | None = None  # alternative to steps: epochs × ⌊N / batch_size⌋ steps
+    epochs: float | None = None  # alternative to steps: epochs × steps_per_epoch(N)
     batch_size: int = 128
+    #: False (torch DataLoader's default): an epoch is ⌈N / batch_size⌉ steps, the last one on
+    #: the remaining examples; True: ⌊N / batch_size⌋ full minibatches, the remainder unused.
+    drop_last: bool = False
+    #: None: validate on the problem's standard held-out split if it has one (MNIST's 10k test
+    #: images when training on its 60k training images); a fraction in (0, 1): hold out that share
+    #: of the training examples (a fixed split); 0: no validation.
+    validation_fraction: float | None = None
+    #: iterations_to_target: the first step at which the minibatch loss, averaged over the last
+    #: ``target_window`` steps, is <= target_loss (None: not measured).
+    target_loss: float | None = None
+    target_window: int = 50
+    #: the metric of the printed table and the paired tests (all are in summary.json): one of
+    #: :data:`METRICS`.
+    metric: str = "final_loss"
     weight_decay: float = 1e-4
     momentum: float = 0.9
     device: str = "cpu"
@@ -175,18 +273,54 @@ class StudyConfig:
         return [float(b) for b in self.beta]
 
     def runs(self) -> list[RunKey]:
-        """All runs in canonical order: optimizer, α_0, β, seed (as listed in the config)."""
+        """All runs in canonical order: optimizer, α_0, β, seed (as listed in the config).
+
+        Returns:
+            The :class:`RunKey` of every run.
+        """
         return [RunKey(spec.label, float(lr0), beta, seed)
                 for spec in self.optimizer_specs for lr0 in self.lr0
                 for beta in self.betas_for(spec) for seed in self.seed_list]
 
+    def steps_per_epoch(self, num_examples: int) -> int:
+        """⌈N / batch_size⌉ (``drop_last`` False, a smaller last minibatch) or ⌊N / batch_size⌋.
+
+        Args:
+            num_examples: N, the number of training examples.
+
+        Returns:
+            The steps of one epoch.
+
+        Raises:
+            ValueError: ``drop_last`` is set and ``batch_size`` exceeds N.
+        """
+        if num_examples < (self.batch_size if self.drop_last else 1):
+            raise ValueError(f"batch_size {self.batch_size} is larger than the dataset "
+                             f"({num_examples} examples) and drop_last is set")
+        if self.drop_last:
+            return num_examples // self.batch_size
+        return -(-num_examples // self.batch_size)
+
     def num_steps(self, num_examples: int) -> int:
+        """The steps of each run: ``steps``, or ``epochs`` × :meth:`steps_per_epoch` (rounded
+        up; exact for whole epochs).
+
+        Args:
+            num_examples: N, the number of training examples.
+
+        Returns:
+            The number of steps of each run.
+        """
         if self.steps is not None:
             return self.steps
-        return max(1, math.ceil(self.epochs * (num_examples // self.batch_size)))
+        return max(1, math.ceil(round(self.epochs * self.steps_per_epoch(num_examples), 9)))
 
     def identity(self) -> dict:
-        """The fields that determine the study's numbers (compared on --resume)."""
+        """The fields that determine the study's numbers (compared on --resume).
+
+        Returns:
+            :meth:`to_dict` without the runtime fields (device, threads, chunk size, ...).
+        """
         data = self.to_dict()
         for key in RUNTIME_FIELDS:
             data.pop(key)
@@ -210,6 +344,20 @@ class StudyConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> "StudyConfig":
+        """A study read from a TOML file (settings at the top level or in a ``[study]`` table).
+
+        Args:
+            path: the study file.
+            **overrides: settings that replace the file's.
+
+        Returns:
+            The :class:`StudyConfig`; a relative ``problem_options.data_dir`` is resolved
+            against the file's folder (not the working directory).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: invalid TOML or unknown settings.
+        """
         path = Path(path)
         try:
             with open(path, "rb") as f:
@@ -220,6 +368,13 @@ class StudyConfig:
             raise ValueError(f"study file {path} is not valid TOML: {error}") from error
         if isinstance(data.get("study"), dict):  # settings may also sit in a [study] table
             data = {**data.pop("study"), **data}
+        options = data.get("problem_options")
+        if isinstance(options, dict) and isinstance(options.get("data_dir"), str):
+            # a study file's relative data folder is taken from the file's folder, wherever the
+            # file is read from (the command line and the Python API alike)
+            from hdfunc.studies.data import resolve_data_dir
+            data["problem_options"] = {**options, "data_dir": str(resolve_data_dir(
+                options["data_dir"], relative_to=path.parent))}
         return cls.from_dict({**data, **overrides})
 
     # --------------------------------------------------------------------- validation
@@ -283,11 +438,33 @@ class StudyConfig:
             raise ValueError("weight_decay must be >= 0 and momentum in [0, 1)")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise ValueError("checkpoint_every must be a non-negative integer")
+        if not isinstance(self.drop_last, bool):
+            raise ValueError(f"drop_last must be true or false, got {self.drop_last!r}")
+        if self.validation_fraction is not None and (
+                not isinstance(self.validation_fraction, (int, float)) or isinstance(
+                    self.validation_fraction, bool) or not 0 <= self.validation_fraction < 1):
+            raise ValueError(f"validation_fraction must be in [0, 1) or None, got "
+                             f"{self.validation_fraction!r}")
+        if self.target_loss is not None and (isinstance(self.target_loss, bool) or not isinstance(
+                self.target_loss, (int, float)) or not math.isfinite(self.target_loss)):
+            raise ValueError(f"target_loss must be a finite number or None, got {self.target_loss!r}")
+        if not isinstance(self.target_window, int) or isinstance(self.target_window, bool) \
+                or self.target_window < 1:
+            raise ValueError(f"target_window must be a positive integer, got {self.target_window!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; choose one of {list(METRICS)}")
 
 
 def demo_config(**changes: Any) -> StudyConfig:
     """A study that needs no data and finishes in seconds on a CPU: 8 seeds × SGD, SGD-HD, Adam,
-    Adam-HD at the paper's α_0 = 1e-3 on synthetic 5-class classification, 100 iterations."""
+    Adam-HD at the paper's α_0 = 1e-3 on synthetic 5-class classification, 100 iterations.
+
+    Args:
+        **changes: settings that replace the demo's.
+
+    Returns:
+        The :class:`StudyConfig`.
+    """
     settings = dict(name="demo", problem="classification", problem_options={"n_samples": 1024},
                     optimizers=["sgd", "sgd_hd", "adam", "adam_hd"], lr0=[1e-3], seeds=8,
                     steps=100, threads=1)  # one thread: fastest for a problem this small

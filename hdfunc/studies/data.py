@@ -47,7 +47,14 @@ class DatasetError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class Dataset:
-    """An in-memory labelled dataset; ``description`` says which files it came from."""
+    """An in-memory labelled dataset; ``description`` says which files it came from.
+
+    Args:
+        inputs: float32 inputs, one example per row: ``(N, ...)``.
+        labels: int64 labels, ``(N,)``.
+        name: e.g. ``"mnist-train"``.
+        description: one line: the split, the size and the files.
+    """
 
     inputs: torch.Tensor  # float32, (N, ...)
     labels: torch.Tensor  # int64, (N,)
@@ -60,7 +67,15 @@ class Dataset:
 
 def resolve_data_dir(path: str | Path, relative_to: str | Path | None = None) -> Path:
     """``path`` with ``~`` expanded; a relative one is taken from ``relative_to`` (e.g. a study
-    file's folder) or, when that is None, left relative to the working directory."""
+    file's folder) or, when that is None, left relative to the working directory.
+
+    Args:
+        path: the folder as given.
+        relative_to: the folder a relative ``path`` is taken from (None: the working directory).
+
+    Returns:
+        The folder (not checked to exist).
+    """
     folder = Path(path).expanduser()
     if relative_to is not None and not folder.is_absolute():
         folder = Path(relative_to) / folder
@@ -70,7 +85,14 @@ def resolve_data_dir(path: str | Path, relative_to: str | Path | None = None) ->
 def default_data_dirs(name: str) -> list[Path]:
     """The folders tried, in order, when no ``data_dir`` is given for dataset ``name``
     ("mnist" or "cifar10"): ``$HDFUNC_<NAME>_DIR`` if set (and then only it), else
-    ``data/<name>`` and ``../shared/data/<name>`` from the working directory."""
+    ``data/<name>`` and ``../shared/data/<name>`` from the working directory.
+
+    Args:
+        name: "mnist" or "cifar10".
+
+    Returns:
+        The candidate folders, in order.
+    """
     env = os.environ.get(f"HDFUNC_{name.upper()}_DIR")
     if env:
         return [resolve_data_dir(env)]
@@ -84,18 +106,33 @@ def _default_dir(name: str) -> Path:
 
 def default_mnist_dir() -> Path:
     """The MNIST folder used when none is given: ``$HDFUNC_MNIST_DIR``, else the first of
-    ``data/mnist`` and ``../shared/data/mnist`` (from the working directory) that exists."""
+    ``data/mnist`` and ``../shared/data/mnist`` (from the working directory) that exists.
+
+    Returns:
+        The folder (the first candidate if none exists).
+    """
     return _default_dir("mnist")
 
 
 def default_cifar10_dir() -> Path:
     """``$HDFUNC_CIFAR10_DIR``, else the first of ``data/cifar10`` and ``../shared/data/cifar10``
-    (from the working directory) that exists."""
+    (from the working directory) that exists.
+
+    Returns:
+        The folder (the first candidate if none exists).
+    """
     return _default_dir("cifar10")
 
 
 def mnist_available(data_dir: str | Path | None = None) -> bool:
-    """Whether a readable pair of MNIST IDX files exists in ``data_dir`` (default folder if None)."""
+    """Whether a readable pair of MNIST IDX files exists in ``data_dir`` (default folder if None).
+
+    Args:
+        data_dir: the folder to look in (None: :func:`default_mnist_dir`).
+
+    Returns:
+        True if the images and labels of a split (train or test) are there.
+    """
     folder = resolve_data_dir(data_dir) if data_dir is not None else default_mnist_dir()
     return any(_find(folder, images) and _find(folder, labels)
                for images, labels in MNIST_FILES.values())
@@ -105,7 +142,17 @@ def mnist_available(data_dir: str | Path | None = None) -> bool:
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format; gzip-compressed when the name ends in .gz)."""
+    """Read an IDX file (the MNIST format; gzip-compressed when the name ends in .gz).
+
+    Args:
+        path: the file.
+
+    Returns:
+        The array, with the dtype and shape of the file's header (read-only, over the bytes).
+
+    Raises:
+        DatasetError: the file cannot be read, is not IDX, or is truncated.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -139,7 +186,21 @@ def load_mnist(data_dir: str | Path | None = None, split: str = "auto",
                download: bool = False) -> Dataset:
     """MNIST as ``(N, 784)`` float32 inputs normalised with mean 0.1307 / std 0.3081 and int64
     labels. ``split``: "train" (60k), "test" (10k) or "auto" (train if present, else test).
-    With ``download=True`` and torchvision installed, missing files are downloaded first."""
+    With ``download=True`` and torchvision installed, missing files are downloaded first.
+
+    Args:
+        data_dir: the folder of the IDX files (None: :func:`default_mnist_dir`).
+        split: "train", "test" or "auto".
+        download: download missing files with torchvision first.
+
+    Returns:
+        The dataset: inputs ``(N, 784)``, labels ``(N,)``.
+
+    Raises:
+        ValueError: a bad ``split``.
+        DatasetError: the files are missing (the message says where they were looked for),
+            unreadable or disagree, or ``download`` without torchvision.
+    """
     if split not in ("auto", "train", "test"):
         raise ValueError(f"split must be 'auto', 'train' or 'test', got {split!r}")
     folder = resolve_data_dir(data_dir) if data_dir is not None else default_mnist_dir()
@@ -176,7 +237,21 @@ def load_cifar10(data_dir: str | Path | None = None, split: str = "train",
                  download: bool = False) -> Dataset:
     """CIFAR-10 from the python batches (``data_batch_1..5``, ``test_batch``) as ``(N, 3, 32, 32)``
     float32 normalised per channel, with int64 labels. ``data_dir`` may be the folder holding the
-    batches or its parent holding ``cifar-10-batches-py``."""
+    batches or its parent holding ``cifar-10-batches-py``.
+
+    Args:
+        data_dir: the folder (None: :func:`default_cifar10_dir`).
+        split: "train" (50k) or "test" (10k).
+        download: download missing files with torchvision first.
+
+    Returns:
+        The dataset: inputs ``(N, 3, 32, 32)``, labels ``(N,)``.
+
+    Raises:
+        ValueError: a bad ``split``.
+        DatasetError: the batches are missing or unreadable, or ``download`` without
+            torchvision.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     folder = resolve_data_dir(data_dir) if data_dir is not None else default_cifar10_dir()

@@ -25,7 +25,19 @@ from hdfunc.studies.config import StudyConfig
 
 
 def shard_seeds(seeds: list[int], rank: int, world_size: int) -> list[int]:
-    """The seeds of rank ``rank``: every ``world_size``-th seed starting at ``rank``."""
+    """The seeds of rank ``rank``: every ``world_size``-th seed starting at ``rank``.
+
+    Args:
+        seeds: all seeds of the study.
+        rank: this process's rank, in [0, world_size).
+        world_size: the number of processes.
+
+    Returns:
+        ``seeds[rank::world_size]``.
+
+    Raises:
+        ValueError: a bad rank, or fewer seeds than processes.
+    """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad rank {rank} for world size {world_size}")
     if len(seeds) < world_size:
@@ -35,6 +47,15 @@ def shard_seeds(seeds: list[int], rank: int, world_size: int) -> list[int]:
 
 
 def shard_dir(out_dir: str | Path, rank: int) -> Path:
+    """The study folder of one rank's shard.
+
+    Args:
+        out_dir: the folder of the merged study.
+        rank: the rank.
+
+    Returns:
+        ``out_dir/shards/rank-<rank>``.
+    """
     return Path(out_dir) / "shards" / f"rank-{rank}"
 
 
@@ -43,7 +64,20 @@ def run_distributed(config: StudyConfig, out_dir: str | Path, *, resume: bool = 
                     timeout: datetime.timedelta = datetime.timedelta(hours=12)) -> Any:
     """Run this process's shard of ``config`` and, on rank 0, merge all shards into ``out_dir``.
     Initialises the default process group from the torchrun environment if needed (gloo on CPU,
-    nccl on CUDA). Returns the merged :class:`StudyResults` on rank 0, ``None`` elsewhere."""
+    nccl on CUDA). Returns the merged :class:`StudyResults` on rank 0, ``None`` elsewhere.
+
+    Args:
+        config: the whole study (all seeds).
+        out_dir: the folder of the merged study; each rank writes its shard under
+            ``out_dir/shards/``.
+        resume: resume each shard where it stopped.
+        progress: show rank 0's progress.
+        plots: write the merged study's figures.
+        timeout: the process group's timeout (the ranks wait for each other at the barriers).
+
+    Returns:
+        The merged ``StudyResults`` on rank 0, None on the other ranks.
+    """
     from hdfunc.studies.engine import resolve_device, run_study
     from hdfunc.studies.results import merge_studies
 

@@ -32,7 +32,21 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class Problem:
-    """A dataset plus a model constructor and a loss ``loss_fn(outputs, targets) -> scalar``."""
+    """A dataset plus a model constructor and a loss ``loss_fn(outputs, targets) -> scalar``.
+
+    Args:
+        name: the problem's name (a key of :data:`PROBLEMS`).
+        build_model: builds a fresh ``torch.nn`` model (without buffers) under the current RNG.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``, the mean loss of a batch.
+        inputs: all training inputs, one example per row.
+        targets: all training targets (class indices or real values).
+        description: one line for summaries and logs.
+        options: the options the problem was built with (recorded in a study's summary).
+        val_inputs: held-out inputs for validation (None: no validation set), e.g. the MNIST test
+            images when the model trains on the 60k training images.
+        val_targets: their targets.
+        val_description: where the validation set comes from.
+    """
 
     name: str
     build_model: Callable[[], nn.Module]
@@ -41,15 +55,39 @@ class Problem:
     targets: torch.Tensor
     description: str
     options: dict = field(default_factory=dict)
+    val_inputs: torch.Tensor | None = None
+    val_targets: torch.Tensor | None = None
+    val_description: str = ""
+
+    @property
+    def classifies(self) -> bool:
+        """Whether targets are class indices (then accuracy is measured)."""
+        return not self.targets.is_floating_point()
+
+    @property
+    def num_validation(self) -> int:
+        """The number of validation examples (0: none)."""
+        return 0 if self.val_targets is None else int(self.val_targets.shape[0])
 
     @property
     def num_examples(self) -> int:
+        """The number of training examples."""
         return int(self.targets.shape[0])
 
     def init_model(self, seed: int) -> nn.Module:
         """The model of seed ``seed`` with its own initialisation, drawn on the CPU under
         ``torch.manual_seed(seed)`` (so the same on every device) without touching the caller's
-        RNG state."""
+        RNG state.
+
+        Args:
+            seed: the seed of this model's initialisation.
+
+        Returns:
+            A new model on the CPU.
+
+        Raises:
+            ValueError: the model has buffers (they do not batch over seeds).
+        """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = self.build_model()
@@ -57,15 +95,31 @@ class Problem:
         return model
 
     def init_params(self, seed: int) -> dict[str, torch.Tensor]:
-        """The initial parameters of seed ``seed`` (those of :meth:`init_model`)."""
+        """The initial parameters of seed ``seed`` (those of :meth:`init_model`).
+
+        Args:
+            seed: the seed of the initialisation.
+
+        Returns:
+            Parameter name -> a detached copy of its initial value.
+        """
         return {name: p.detach().clone() for name, p in self.init_model(seed).named_parameters()}
 
     def template(self) -> nn.Module:
-        """A parameter-free copy of the model (on the meta device) for ``functional_call``."""
+        """A parameter-free copy of the model (on the meta device) for ``functional_call``.
+
+        Returns:
+            The model on the meta device.
+        """
         with torch.random.fork_rng(devices=[]):
             return self.build_model().to("meta")
 
     def num_parameters(self) -> int:
+        """The number of scalar parameters of one model.
+
+        Returns:
+            The total number of elements over the model's parameters.
+        """
         return sum(p.numel() for p in self.template().parameters())
 
 
@@ -88,7 +142,14 @@ def _half_squared_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.T
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:
-    """Linear layers of the given sizes with ReLU between them (a single Linear if two sizes)."""
+    """Linear layers of the given sizes with ReLU between them (a single Linear if two sizes).
+
+    Args:
+        sizes: the widths, input first and output last (at least two).
+
+    Returns:
+        The model.
+    """
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
@@ -106,7 +167,19 @@ VGG_CONFIGS = {
 
 def vgg(config: str = "vgg16", width_divisor: int = 1, num_classes: int = 10) -> nn.Sequential:
     """A VGG-style CNN for 32×32 RGB images: 3×3 conv + ReLU blocks and 2×2 max pools, then a
-    linear classifier (the CIFAR-10 VGG of the paper's reference code, without batch norm)."""
+    linear classifier (the CIFAR-10 VGG of the paper's reference code, without batch norm).
+
+    Args:
+        config: "vgg16" or "vgg11".
+        width_divisor: every channel width is divided by it (at least 1 channel).
+        num_classes: the number of outputs.
+
+    Returns:
+        The model.
+
+    Raises:
+        ValueError: an unknown ``config`` or a ``width_divisor`` that is not a positive integer.
+    """
     if config not in VGG_CONFIGS:
         raise ValueError(f"vgg config must be one of {sorted(VGG_CONFIGS)}, got {config!r}")
     if not isinstance(width_divisor, int) or width_divisor < 1:
@@ -129,35 +202,103 @@ def vgg(config: str = "vgg16", width_divisor: int = 1, num_classes: int = 10) ->
 
 def logreg(data_dir: str | None = None, split: str = "auto", limit: int | None = None,
            download: bool = False) -> Problem:
+    """Multinomial logistic regression on MNIST, 784 → 10 (paper §4.1).
+
+    Args:
+        data_dir: the MNIST folder (None: the default folders, see :mod:`hdfunc.studies.data`).
+        split: "train", "test" or "auto" (train if present, else test).
+        limit: use only the first ``limit`` examples (None: all).
+        download: download missing files with torchvision.
+
+    Returns:
+        The problem.
+
+    Raises:
+        hdfunc.studies.data.DatasetError: the MNIST files are missing or unreadable.
+        ValueError: a bad ``split`` or ``limit``.
+    """
     dataset = _limited(datasets.load_mnist(data_dir, split, download), limit)
-    return Problem("logreg", lambda: mlp([784, 10]), _cross_entropy, dataset.inputs,
-                   dataset.labels, f"logistic regression on {dataset.description}",
-                   {"data_dir": data_dir, "split": split, "limit": limit})
+    return _with_test_split(
+        Problem("logreg", lambda: mlp([784, 10]), _cross_entropy, dataset.inputs,
+                dataset.labels, f"logistic regression on {dataset.description}",
+                {"data_dir": data_dir, "split": split, "limit": limit}),
+        dataset, lambda: datasets.load_mnist(data_dir, "test", False), split == "auto")
 
 
 def mnist_mlp(hidden: int = 1000, data_dir: str | None = None, split: str = "auto",
               limit: int | None = None, download: bool = False) -> Problem:
+    """An MLP on MNIST, 784-hidden-hidden-10 with ReLU (paper §4.2).
+
+    Args:
+        hidden: the width of both hidden layers.
+        data_dir: the MNIST folder (None: the default folders, see :mod:`hdfunc.studies.data`).
+        split: "train", "test" or "auto" (train if present, else test).
+        limit: use only the first ``limit`` examples (None: all).
+        download: download missing files with torchvision.
+
+    Returns:
+        The problem.
+
+    Raises:
+        hdfunc.studies.data.DatasetError: the MNIST files are missing or unreadable.
+        ValueError: a bad ``hidden``, ``split`` or ``limit``.
+    """
     _positive("hidden", hidden)
     dataset = _limited(datasets.load_mnist(data_dir, split, download), limit)
-    return Problem("mlp", lambda: mlp([784, hidden, hidden, 10]), _cross_entropy, dataset.inputs,
-                   dataset.labels, f"MLP 784-{hidden}-{hidden}-10 (ReLU) on {dataset.description}",
-                   {"hidden": hidden, "data_dir": data_dir, "split": split, "limit": limit})
+    return _with_test_split(
+        Problem("mlp", lambda: mlp([784, hidden, hidden, 10]), _cross_entropy, dataset.inputs,
+                dataset.labels, f"MLP 784-{hidden}-{hidden}-10 (ReLU) on {dataset.description}",
+                {"hidden": hidden, "data_dir": data_dir, "split": split, "limit": limit}),
+        dataset, lambda: datasets.load_mnist(data_dir, "test", False), split == "auto")
 
 
 def cifar_vgg(config: str = "vgg16", width_divisor: int = 1, data_dir: str | None = None,
               split: str = "train", limit: int | None = None, download: bool = False) -> Problem:
+    """A VGG-style CNN (:func:`vgg`) on CIFAR-10 (paper §4.3).
+
+    Args:
+        config: "vgg16" or "vgg11".
+        width_divisor: every channel width is divided by it.
+        data_dir: the CIFAR-10 folder (None: the default folders).
+        split: "train" or "test".
+        limit: use only the first ``limit`` examples (None: all).
+        download: download missing files with torchvision.
+
+    Returns:
+        The problem.
+
+    Raises:
+        hdfunc.studies.data.DatasetError: the CIFAR-10 batches are missing or unreadable.
+        ValueError: a bad ``config``, ``width_divisor``, ``split`` or ``limit``.
+    """
     vgg(config, width_divisor)  # validates the options before loading data
     dataset = _limited(datasets.load_cifar10(data_dir, split, download), limit)
-    return Problem("vgg", lambda: vgg(config, width_divisor), _cross_entropy, dataset.inputs,
-                   dataset.labels, f"{config} (widths /{width_divisor}) on {dataset.description}",
-                   {"config": config, "width_divisor": width_divisor, "data_dir": data_dir,
-                    "split": split, "limit": limit})
+    return _with_test_split(
+        Problem("vgg", lambda: vgg(config, width_divisor), _cross_entropy, dataset.inputs,
+                dataset.labels, f"{config} (widths /{width_divisor}) on {dataset.description}",
+                {"config": config, "width_divisor": width_divisor, "data_dir": data_dir,
+                 "split": split, "limit": limit}),
+        dataset, lambda: datasets.load_cifar10(data_dir, "test", False), split == "train")
 
 
 def quadratic(dim: int = 20, n_samples: int = 2048, condition: float = 100.0, noise: float = 0.1,
               data_seed: int = 0) -> Problem:
     """Least squares ½ mean (xᵀw + b - y)² on synthetic features whose scales spread over
-    √condition (so the Hessian's condition number is about ``condition``)."""
+    √condition (so the Hessian's condition number is about ``condition``).
+
+    Args:
+        dim: the number of features.
+        n_samples: the number of examples.
+        condition: the condition number of the Hessian, about (>= 1).
+        noise: the standard deviation of the noise on the targets.
+        data_seed: the seed of the data (not of the models).
+
+    Returns:
+        The problem (a linear model; no data files needed).
+
+    Raises:
+        ValueError: a size that is not a positive integer, or ``condition`` < 1.
+    """
     _positive("dim", dim)
     _positive("n_samples", n_samples)
     if not condition >= 1:
@@ -176,7 +317,22 @@ def quadratic(dim: int = 20, n_samples: int = 2048, condition: float = 100.0, no
 def classification(dim: int = 20, classes: int = 5, n_samples: int = 2048, hidden: int = 0,
                    separation: float = 1.0, data_seed: int = 0) -> Problem:
     """Synthetic classification: Gaussian clusters (unit variance) around class means drawn with
-    scale ``separation``; a linear model (``hidden=0``) or an MLP with one hidden ReLU layer."""
+    scale ``separation``; a linear model (``hidden=0``) or an MLP with one hidden ReLU layer.
+
+    Args:
+        dim: the number of features.
+        classes: the number of classes (>= 2).
+        n_samples: the number of examples.
+        hidden: the width of the hidden layer (0: a linear model).
+        separation: the scale of the class means.
+        data_seed: the seed of the data (not of the models).
+
+    Returns:
+        The problem (no data files needed).
+
+    Raises:
+        ValueError: a size out of its range.
+    """
     _positive("dim", dim)
     _positive("n_samples", n_samples)
     if classes < 2:
@@ -193,6 +349,53 @@ def classification(dim: int = 20, classes: int = 5, n_samples: int = 2048, hidde
                    f"model {'-'.join(map(str, sizes))}",
                    {"dim": dim, "classes": classes, "n_samples": n_samples, "hidden": hidden,
                     "separation": separation, "data_seed": data_seed})
+
+
+def _with_test_split(problem: Problem, dataset: datasets.Dataset,
+                     load_test: Callable[[], datasets.Dataset], allowed: bool) -> Problem:
+    """Attach the standard test split as the validation set when the model trains on the
+    training split (as the paper does: train on MNIST's 60k, validate on its 10k)."""
+    if not allowed or not dataset.name.endswith("-train"):
+        return problem
+    try:
+        test = load_test()
+    except datasets.DatasetError:
+        return problem
+    problem.val_inputs, problem.val_targets = test.inputs, test.labels
+    problem.val_description = test.description
+    return problem
+
+
+def hold_out(problem: Problem, fraction: float, data_seed: int = 0) -> Problem:
+    """A copy of ``problem`` whose training set loses a random ``fraction`` of its examples
+    (drawn from a fixed permutation of seed ``data_seed``, the same for every run), which become
+    its validation set (replacing any standard one).
+
+    Args:
+        problem: the problem.
+        fraction: the share of examples held out, in (0, 1).
+        data_seed: the seed of the split.
+
+    Returns:
+        The new problem.
+
+    Raises:
+        ValueError: ``fraction`` out of range, or a split that leaves either side empty.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}")
+    n = problem.num_examples
+    held = int(round(fraction * n))
+    if held < 1 or held >= n:
+        raise ValueError(f"validation_fraction {fraction} of {n} examples leaves an empty split")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(data_seed))
+    train, val = order[:n - held].sort().values, order[n - held:].sort().values
+    return Problem(problem.name, problem.build_model, problem.loss_fn, problem.inputs[train],
+                   problem.targets[train],
+                   f"{problem.description}; {n - held} for training, {held} held out",
+                   dict(problem.options), problem.inputs[val], problem.targets[val],
+                   f"{held} examples ({fraction:g}) held out of the training data "
+                   f"(fixed split, data seed {data_seed})")
 
 
 def _positive(name: str, value: Any) -> None:
@@ -218,7 +421,20 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
 
 
 def make_problem(name: str, **options: Any) -> Problem:
-    """Build problem ``name`` (one of :data:`PROBLEMS`) with its keyword ``options``."""
+    """Build problem ``name`` (one of :data:`PROBLEMS`) with its keyword ``options``.
+
+    Args:
+        name: "logreg", "mlp", "vgg", "quadratic" or "classification".
+        **options: the keyword arguments of that problem's constructor.
+
+    Returns:
+        The problem.
+
+    Raises:
+        ValueError: an unknown problem or option (the message lists the allowed ones), or a bad
+            option value.
+        hdfunc.studies.data.DatasetError: the problem's data are missing.
+    """
     if name not in PROBLEMS:
         raise ValueError(f"unknown problem {name!r}; choose one of {sorted(PROBLEMS)}")
     import inspect

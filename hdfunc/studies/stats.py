@@ -1,11 +1,15 @@
 """Statistics of a study over seeds (scipy).
 
-* Per optimizer, α_0 and β: the median final loss over seeds with a 95 % percentile-bootstrap
-  confidence interval (``scipy.stats.bootstrap``; diverged runs count as +inf, so they pull the
-  median up rather than vanish).
-* Per HD optimizer and its base at the same α_0 (paired by seed: same initialisation, same
-  minibatches): how many seeds HD ends lower, the median difference, a one-sided Wilcoxon
-  signed-rank test over the pairs where both runs are finite and an exact sign test over all pairs.
+For every metric a study measured (final training loss, last-epoch loss, validation loss and
+accuracy, iterations to a target loss; :data:`hdfunc.studies.config.METRICS`):
+
+* per optimizer, α_0 and β: the median over seeds with a 95 % percentile-bootstrap confidence
+  interval (``scipy.stats.bootstrap``; diverged runs count as the worst value, ±inf, so they move
+  the median rather than vanish);
+* per HD optimizer and its base at the same α_0 (paired by seed — looked up by the seed, never by
+  position — same initialisation, same minibatches): on how many seeds HD is better, the median
+  difference, a one-sided Wilcoxon signed-rank test over the pairs where both are finite and an
+  exact sign test over all decided pairs.
 """
 
 from __future__ import annotations
@@ -22,48 +26,104 @@ _BIG = 1e100  # stands for +inf inside the bootstrap (its sums and squares stay 
 
 
 def finite_or_none(x: float) -> float | None:
-    """``x`` as a float, or None if it is not finite (JSON has no nan or inf)."""
+    """``x`` as a float, or None if it is not finite (JSON has no nan or inf).
+
+    Args:
+        x: a real number.
+
+    Returns:
+        ``float(x)``, or None for nan and ±inf.
+    """
     x = float(x)
     return x if math.isfinite(x) else None
 
 
 def median_ci(values: np.ndarray, confidence: float = CONFIDENCE, seed: int = 0) -> tuple:
     """(median, low, high): the median and its percentile-bootstrap CI (nan CI for < 2 values);
-    +inf values (diverged runs) are allowed."""
+    ±inf values (diverged runs, targets never reached) are allowed.
+
+    Args:
+        values: one value per seed.
+        confidence: the level of the interval.
+        seed: the seed of the bootstrap's resampling.
+
+    Returns:
+        ``(median, low, high)`` as floats (any may be ±inf).
+    """
     values = np.asarray(values, dtype=np.float64)
     median = float(np.median(values))
     if values.size < 2 or np.all(values == values[0]):
         same = median if values.size >= 2 else math.nan
         return median, same, same
-    finite = np.where(np.isfinite(values), values, _BIG)
+    finite = np.clip(np.where(np.isnan(values), _BIG, values), -_BIG, _BIG)
     result = sps.bootstrap((finite,), np.median, confidence_level=confidence,
                            n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
                            random_state=np.random.default_rng(seed))
     low, high = result.confidence_interval
-    back = lambda x: math.inf if x >= _BIG / 2 else float(x)  # noqa: E731
-    return median, back(low), back(high)
+    back = lambda x: math.inf if x >= _BIG / 2 else -math.inf if x <= -_BIG / 2 else float(x)  # noqa: E731
+    return back(median) if abs(median) >= _BIG / 2 else median, back(low), back(high)
 
 
-def final_loss_table(results: Any) -> list[dict]:
-    """One row per (optimizer, α_0, β): n, diverged, median final loss and its CI."""
+def _higher_better(metric: str) -> bool:
+    from hdfunc.studies.config import METRICS
+    return METRICS[metric]
+
+
+def metric_table(results: Any, metric: str = "final_loss") -> list[dict]:
+    """One row per (optimizer, α_0, β): n, diverged, the median of ``metric`` over seeds and its
+    bootstrap CI (diverged runs and missing values count as the worst value, ±inf).
+
+    Args:
+        results: a ``StudyResults``.
+        metric: a name of :data:`hdfunc.studies.config.METRICS`.
+
+    Returns:
+        Rows with the keys optimizer, lr0, beta, n, diverged, median, ci_low, ci_high (None
+            where not finite), median_inf, ci_low_inf and ci_high_inf (the sign of an infinite
+            value: +1, -1 or 0).
+    """
     groups: dict[tuple, list] = {}
     for r in results.runs:
         groups.setdefault((r.optimizer, r.lr0, r.beta), []).append(r)
     rows = []
+    sign = lambda x: 0 if math.isfinite(x) or math.isnan(x) else (1 if x > 0 else -1)  # noqa: E731
     for (optimizer, lr0, beta), runs in groups.items():
-        finals = np.array([r.final for r in runs])
-        median, low, high = median_ci(finals)
+        values = np.array([r.metric(metric) for r in runs])
+        median, low, high = median_ci(values)
         rows.append({"optimizer": optimizer, "lr0": lr0, "beta": beta, "n": len(runs),
                      "diverged": sum(r.diverged for r in runs),
                      "median": finite_or_none(median), "ci_low": finite_or_none(low),
-                     "ci_high": finite_or_none(high),
-                     "ci_high_inf": math.isinf(high)})
+                     "ci_high": finite_or_none(high), "median_inf": sign(median),
+                     "ci_low_inf": sign(low), "ci_high_inf": math.isinf(high) and high > 0})
     return rows
 
 
-def paired_comparisons(results: Any) -> list[dict]:
-    """HD vs its base optimizer on the same seeds, per α_0 (and β of the HD runs)."""
+def final_loss_table(results: Any) -> list[dict]:
+    """:func:`metric_table` of the final loss.
+
+    Args:
+        results: a ``StudyResults``.
+
+    Returns:
+        Its rows.
+    """
+    return metric_table(results, "final_loss")
+
+
+def paired_comparisons(results: Any, metric: str = "final_loss") -> list[dict]:
+    """HD vs its base optimizer on the same seeds, per α_0 (and β of the HD runs): the runs are
+    paired by their seed (same initialisation and minibatches), looked up by key, never by
+    position; the seeds paired are recorded in each row (``seeds``, ``paired_by``).
+
+    Args:
+        results: a ``StudyResults``.
+        metric: a name of :data:`hdfunc.studies.config.METRICS`.
+
+    Returns:
+        One row of :func:`paired_test` per HD optimizer, α_0 and β that has a base to compare.
+    """
     specs = results.config.optimizer_specs
+    higher = _higher_better(metric)
     rows = []
     for hd in (s for s in specs if s.is_hd):
         bases = [s for s in specs if not s.is_hd and s.name == hd.base_name]
@@ -71,25 +131,48 @@ def paired_comparisons(results: Any) -> list[dict]:
             continue
         base = next((s for s in bases if s.label == s.name), bases[0])
         for lr0 in results.config.lr0:
-            base_losses = results.final_losses(base.label, float(lr0))
+            base_values = results.metric_values(metric, base.label, float(lr0))
             for beta in results.config.betas_for(hd):
-                hd_losses = results.final_losses(hd.label, float(lr0), beta)
-                seeds = sorted(set(base_losses) & set(hd_losses))
+                hd_values = results.metric_values(metric, hd.label, float(lr0), beta)
+                seeds = sorted(set(base_values) & set(hd_values))
                 if not seeds:
                     continue
-                rows.append(paired_test(hd.label, base.label, float(lr0), beta,
-                                        np.array([hd_losses[s] for s in seeds]),
-                                        np.array([base_losses[s] for s in seeds])))
+                row = paired_test(hd.label, base.label, float(lr0), beta,
+                                  np.array([hd_values[s] for s in seeds]),
+                                  np.array([base_values[s] for s in seeds]),
+                                  higher_better=higher)
+                row.update(metric=metric, paired_by="seed", seeds=seeds)
+                rows.append(row)
     return rows
 
 
 def paired_test(hd: str, base: str, lr0: float, beta: float, hd_losses: np.ndarray,
-                base_losses: np.ndarray) -> dict:
-    """Paired comparison of final losses (lower is better); +inf marks a diverged run."""
+                base_losses: np.ndarray, *, higher_better: bool = False) -> dict:
+    """Paired comparison of one value per seed (lower is better unless ``higher_better``);
+    ±inf marks the worst value (a diverged run).
+
+    Args:
+        hd: the HD optimizer's label.
+        base: the base optimizer's label.
+        lr0: α_0 of both.
+        beta: β of the HD runs.
+        hd_losses: the HD runs' values, one per seed.
+        base_losses: the base runs' values, the same seeds in the same order.
+        higher_better: larger values are better (accuracy).
+
+    Returns:
+        The row: hd, base, lr0, beta, n, hd_better, base_better, median_difference (HD - base),
+            wilcoxon_p and sign_test_p (one-sided, alternative: HD better; None where the test
+            does not apply).
+    """
+    hd_losses = np.asarray(hd_losses, dtype=np.float64)
+    base_losses = np.asarray(base_losses, dtype=np.float64)
     n = len(hd_losses)
-    both_inf = np.isinf(hd_losses) & np.isinf(base_losses)
-    hd_better = int(np.sum((hd_losses < base_losses) & ~both_inf))
-    base_better = int(np.sum((hd_losses > base_losses) & ~both_inf))
+    flip = -1.0 if higher_better else 1.0  # compare "badness": lower is better
+    hd_bad, base_bad = flip * hd_losses, flip * base_losses
+    both_inf = np.isinf(hd_bad) & np.isinf(base_bad) & (hd_bad == base_bad)
+    hd_better = int(np.sum((hd_bad < base_bad) & ~both_inf))
+    base_better = int(np.sum((hd_bad > base_bad) & ~both_inf))
     decided = hd_better + base_better
     sign_p = (float(sps.binomtest(hd_better, decided, 0.5, alternative="greater").pvalue)
               if decided else None)
@@ -97,7 +180,7 @@ def paired_test(hd: str, base: str, lr0: float, beta: float, hd_losses: np.ndarr
     diff = hd_losses[finite] - base_losses[finite]
     wilcoxon_p = None
     if diff.size >= 2 and np.any(diff != 0):
-        wilcoxon_p = float(sps.wilcoxon(diff, alternative="less").pvalue)
+        wilcoxon_p = float(sps.wilcoxon(flip * diff, alternative="less").pvalue)
     return {"hd": hd, "base": base, "lr0": lr0, "beta": beta, "n": n, "hd_better": hd_better,
             "base_better": base_better,
             "median_difference": finite_or_none(float(np.median(diff))) if diff.size else None,
@@ -105,38 +188,84 @@ def paired_test(hd: str, base: str, lr0: float, beta: float, hd_losses: np.ndarr
 
 
 def study_statistics(results: Any) -> dict:
-    return {"confidence": CONFIDENCE, "final_loss": final_loss_table(results),
-            "paired": paired_comparisons(results)}
+    """All statistics of a study, as stored in its ``summary.json``.
+
+    Args:
+        results: a ``StudyResults``.
+
+    Returns:
+        ``{"confidence", "metric" (the study's primary one), "final_loss": metric_table(...),
+        "paired": paired_comparisons(...) of the final loss, "metrics": {name: {"table",
+        "paired"}} for every metric the study measured}``.
+    """
+    metrics = {name: {"table": metric_table(results, name),
+                      "paired": paired_comparisons(results, name)}
+               for name in results.available_metrics()}
+    return {"confidence": CONFIDENCE, "metric": results.config.metric,
+            "final_loss": metrics["final_loss"]["table"],
+            "paired": metrics["final_loss"]["paired"], "metrics": metrics}
 
 
 def _num(x: float | None, fmt: str = ".4g") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-def format_table(statistics: dict) -> str:
-    """A compact text table of :func:`study_statistics`."""
+def _value(row: dict, key: str, fmt: str = ".4g") -> str:
+    if row.get(key) is not None:
+        return format(row[key], fmt)
+    inf = row.get(key + "_inf")
+    return "inf" if inf is True or inf == 1 else "-inf" if inf == -1 else "-"
+
+
+METRIC_TITLES = {"final_loss": "final train loss", "epoch_loss": "last-epoch loss",
+                 "val_loss": "validation loss", "val_accuracy": "val accuracy",
+                 "best_val_loss": "best val loss", "iterations_to_target": "iters to target"}
+
+
+def format_table(statistics: dict, metric: str | None = None) -> str:
+    """A compact text table of :func:`study_statistics` for one metric: every grid axis
+    (optimizer, α_0, β) in every row.
+
+    Args:
+        statistics: the dict :func:`study_statistics` returns.
+        metric: the metric (default: the study's ``metric``, else the final loss).
+
+    Returns:
+        The table, or ``"(no finished runs)"``.
+
+    Raises:
+        ValueError: the study did not measure ``metric``.
+    """
+    metric = metric or statistics.get("metric") or "final_loss"
+    per_metric = statistics.get("metrics", {})
+    if metric in per_metric:
+        rows, paired = per_metric[metric]["table"], per_metric[metric]["paired"]
+    elif metric == "final_loss":
+        rows, paired = statistics.get("final_loss", []), statistics.get("paired", [])
+    else:
+        raise ValueError(f"this study has no metric {metric!r}; it has "
+                         f"{list(per_metric) or ['final_loss']}")
+    title = METRIC_TITLES.get(metric, metric)
     lines = []
-    rows = statistics.get("final_loss", [])
     if rows:
         pct = int(100 * statistics.get("confidence", CONFIDENCE))
         lines.append(f"{'optimizer':<22} {'lr0':>8} {'beta':>8} {'n':>4} {'div':>4} "
-                     f"{'median final loss':>18}  {pct}% CI")
+                     f"{'median ' + title:>24}  {pct}% CI")
         for r in rows:
-            high = "inf" if r.get("ci_high_inf") else _num(r["ci_high"])
-            median = _num(r["median"]) if r["median"] is not None else "inf"
             lines.append(f"{r['optimizer']:<22} {r['lr0']:>8.0e} {r['beta']:>8.0e} {r['n']:>4} "
-                         f"{r['diverged']:>4} {median:>18}  [{_num(r['ci_low'])}, {high}]")
-    paired = statistics.get("paired", [])
+                         f"{r['diverged']:>4} {_value(r, 'median'):>24}  "
+                         f"[{_value(r, 'ci_low')}, {_value(r, 'ci_high')}]")
     if paired:
+        better = "HD higher" if _higher_better(metric) else "HD lower"
         lines.append("")
-        lines.append(f"{'HD vs base':<30} {'lr0':>8} {'HD lower':>9} {'median Δ':>11} "
-                     f"{'Wilcoxon p':>11} {'sign p':>9}")
+        lines.append(f"{'HD vs base (' + title + ')':<36} {'lr0':>8} {'beta':>8} {better:>9} "
+                     f"{'median Δ':>11} {'Wilcoxon p':>11} {'sign p':>9}")
         for r in paired:
-            lines.append(f"{r['hd'] + ' vs ' + r['base']:<30} {r['lr0']:>8.0e} "
+            lines.append(f"{r['hd'] + ' vs ' + r['base']:<36} {r['lr0']:>8.0e} {r['beta']:>8.0e} "
                          f"{str(r['hd_better']) + '/' + str(r['n']):>9} "
                          f"{_num(r['median_difference'], '.3g'):>11} {_num(r['wilcoxon_p'], '.3g'):>11} "
                          f"{_num(r['sign_test_p'], '.3g'):>9}")
-        lines.append("(paired by seed: same initialisation and minibatches; HD lower: seeds where "
-                     "the HD run ends with the lower final loss; median Δ = HD - base; "
-                     "one-sided p-values)")
+        lines.append(f"(paired by seed: the HD run and the base run of the same seed share "
+                     f"initialisation and minibatches; {better}: seeds where HD is better; "
+                     f"median Δ = HD - base; one-sided p-values)")
     return "\n".join(lines) if lines else "(no finished runs)"

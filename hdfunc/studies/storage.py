@@ -47,7 +47,11 @@ class CheckpointDamagedError(StudyDamagedError):
 
 
 def fsync_directory(folder: Path) -> None:
-    """Make a rename or a new file in ``folder`` durable (best effort where unsupported)."""
+    """Make a rename or a new file in ``folder`` durable (best effort where unsupported).
+
+    Args:
+        folder: the folder whose entries to fsync.
+    """
     try:
         descriptor = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -61,11 +65,24 @@ def fsync_directory(folder: Path) -> None:
 
 
 def temporary_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place.
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``path`` with ``.tmp`` appended to its name.
+    """
     return path.with_name(path.name + TEMPORARY_SUFFIX)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` so that a reader (or a crash) sees the old or the new file."""
+    """Replace ``path`` by ``data`` so that a reader (or a crash) sees the old or the new file.
+
+    Args:
+        path: the file.
+        data: its new contents.
+    """
     tmp = temporary_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
@@ -76,6 +93,14 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def sha256(data: bytes) -> str:
+    """The SHA-256 of ``data``.
+
+    Args:
+        data: the bytes.
+
+    Returns:
+        The digest in hex.
+    """
     return hashlib.sha256(data).hexdigest()
 
 
@@ -83,21 +108,45 @@ def sha256(data: bytes) -> str:
 
 
 def summary_checksum(summary: dict) -> str:
-    """SHA-256 of the canonical JSON of ``summary`` without its ``checksum`` entry."""
+    """SHA-256 of the canonical JSON of ``summary`` without its ``checksum`` entry.
+
+    Args:
+        summary: the contents of a ``summary.json``.
+
+    Returns:
+        The digest in hex.
+    """
     content = {k: v for k, v in summary.items() if k != "checksum"}
     return sha256(json.dumps(content, sort_keys=True, separators=(",", ":"),
                              allow_nan=False).encode())
 
 
 def write_summary(path: Path, summary: dict) -> None:
-    """Store ``summary`` (with its checksum) atomically."""
+    """Store ``summary`` (with its checksum) atomically.
+
+    Args:
+        path: the ``summary.json`` file.
+        summary: its contents; its ``checksum`` entry is set.
+    """
     summary["checksum"] = summary_checksum(summary)
     write_bytes_atomic(path, json.dumps(summary, indent=1, allow_nan=False).encode())
 
 
 def read_summary(path: Path, advice: str) -> dict:
     """The verified contents of a ``summary.json``; :class:`StudyDamagedError` (ending with
-    ``advice``, what to do) when it is unreadable, truncated or garbled."""
+    ``advice``, what to do) when it is unreadable, truncated or garbled.
+
+    Args:
+        path: the ``summary.json`` file.
+        advice: what to do, at the end of the error message.
+
+    Returns:
+        The summary.
+
+    Raises:
+        StudyDamagedError: the file is unreadable, not JSON, has no format number or does not
+            match its checksum.
+    """
     def damaged(what: str) -> StudyDamagedError:
         return StudyDamagedError(f"{path} {what}; {advice}")
 
@@ -124,7 +173,15 @@ def read_summary(path: Path, advice: str) -> dict:
 
 
 def read_prefix(path: Path, size: int) -> bytes:
-    """Up to ``size`` bytes from the start of ``path`` (fewer if it is shorter; none if absent)."""
+    """Up to ``size`` bytes from the start of ``path`` (fewer if it is shorter; none if absent).
+
+    Args:
+        path: the file.
+        size: the most bytes read.
+
+    Returns:
+        The bytes.
+    """
     try:
         with open(path, "rb") as f:
             return f.read(size)
@@ -135,7 +192,16 @@ def read_prefix(path: Path, size: int) -> bytes:
 def intact_chunks(data: bytes, header: bytes, chunks: list[dict]) -> int:
     """How many of ``chunks`` (summary records, in order) have their rows intact in ``data``,
     the start of ``steps.csv``: the header, then each chunk's bytes up to its ``csv_end``
-    with the recorded SHA-256."""
+    with the recorded SHA-256.
+
+    Args:
+        data: the start of ``steps.csv``.
+        header: the CSV header line, as bytes.
+        chunks: the summary's chunk records, each with ``csv_end`` and ``sha256``.
+
+    Returns:
+        The number of intact chunks, counted from the first; -1 if the header differs.
+    """
     if data[:len(header)] != header:
         return -1
     start = len(header)
@@ -165,7 +231,12 @@ class _HashingWriter:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """``torch.save(payload)`` followed by its SHA-256, replaced atomically."""
+    """``torch.save(payload)`` followed by its SHA-256, replaced atomically.
+
+    Args:
+        path: the checkpoint file (its folder is made if missing).
+        payload: what to save.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     with open(tmp, "wb") as f:
@@ -180,7 +251,18 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
     """A checkpoint written by :func:`save_checkpoint`; :class:`CheckpointDamagedError` when it
-    is truncated or garbled."""
+    is truncated or garbled.
+
+    Args:
+        path: the checkpoint file.
+        map_location: as ``torch.load``'s.
+
+    Returns:
+        The payload.
+
+    Raises:
+        CheckpointDamagedError: the checksum does not match, or torch cannot read the payload.
+    """
     data = Path(path).read_bytes()
     payload, trailer = data[:-CHECKPOINT_TRAILER], data[-CHECKPOINT_TRAILER:]
     if (len(data) < CHECKPOINT_TRAILER or trailer[:len(CHECKPOINT_MAGIC)] != CHECKPOINT_MAGIC
@@ -199,7 +281,14 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
 
 def check_output_folder(out: Path) -> None:
     """Fail early, creating nothing, when ``out`` cannot become a writable folder: a file on its
-    path, or a nearest existing folder that cannot be written (:class:`StudyOutputError`)."""
+    path, or a nearest existing folder that cannot be written (:class:`StudyOutputError`).
+
+    Args:
+        out: the output folder (it need not exist).
+
+    Raises:
+        StudyOutputError: ``out`` cannot become a writable folder.
+    """
     try:
         existing = next((p for p in [out, *out.parents] if p.exists()), None)
         if existing is not None and not existing.is_dir():
@@ -213,7 +302,14 @@ def check_output_folder(out: Path) -> None:
 
 def prepare_output_folder(out: Path) -> None:
     """Check ``out`` (:func:`check_output_folder`) and create it with its parents;
-    :class:`StudyOutputError` (one line, naming the path and the reason) otherwise."""
+    :class:`StudyOutputError` (one line, naming the path and the reason) otherwise.
+
+    Args:
+        out: the output folder.
+
+    Raises:
+        StudyOutputError: ``out`` cannot be created or written.
+    """
     check_output_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +318,15 @@ def prepare_output_folder(out: Path) -> None:
 
 
 def output_error(out: Path, error: OSError) -> StudyOutputError:
-    """A one-line :class:`StudyOutputError` for ``error`` raised while writing into ``out``."""
+    """A one-line :class:`StudyOutputError` for ``error`` raised while writing into ``out``.
+
+    Args:
+        out: the output folder.
+        error: the error writing into it raised.
+
+    Returns:
+        The error to raise, naming ``out``, the reason and what to do.
+    """
     reasons = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
                errno.EROFS: "the file system is read-only", errno.ENOSPC: "no space left on the device",
                errno.ENOTDIR: "a part of the path is a file, not a folder"}
