@@ -89,7 +89,7 @@ def worker(rank: int, world: int, port: int, rounds: int, repeats: int, out: str
         dist.all_reduce(table)
         reduce_times.append(time.perf_counter() - start)
     if rank == 0:
-        lines = [f"| optimizer | step (ms) | ratio | collectives per step |", "|---|---|---|---|"]
+        lines = ["| optimizer | step (ms) | ratio | collectives per step |", "|---|---|---|---|"]
         for name in CANDIDATES:
             base = best["torch Adam"] if "Adam" in name else best["torch SGD"]
             lines.append(f"| {name} | {1e3 * best[name]:.2f} | {best[name] / base:.2f} | "

@@ -12,7 +12,7 @@ with the paper's variants: per-tensor / per-element rates (§2), the multiplicat
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 

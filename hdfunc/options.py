@@ -179,15 +179,6 @@ class HDOptions:
         """
         return HDOptions.of(self, **values)
 
-    def changed(self) -> dict[str, Any]:
-        """The options that differ from their defaults, by name (for a rule's ``repr``).
-
-        Returns:
-            A dict from option name to value, for the options not at their defaults.
-        """
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) is not f.default and getattr(self, f.name) != f.default}
-
     @classmethod
     def docstring(cls, indent: str = "    ", exclude: tuple[str, ...] = (),
                   value_argument: bool = True) -> str:

@@ -4,8 +4,6 @@ optimizer classes, vmap, torch.compile and a study must give the CPU's numbers t
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -35,8 +33,8 @@ def to(tree, device, dtype=None):
 
 def make_rule(name: str):
     info = hdfunc.rule_info(name)
-    options = {k: v for k, v in info.example.items() if not k.endswith("hypergrad_lr")}
-    extra = {k: 1e-3 for k in info.example if k.endswith("hypergrad_lr")}
+    options = {k: v for k, v in info.example.items() if k not in info.extra_rates}
+    extra = {k: 1e-3 for k in info.extra_rates}
     return info.factory(0.02, 1e-3, **extra, **options)
 
 

@@ -12,7 +12,7 @@ from torch.func import grad
 
 import hdfunc
 from hdfunc.hyperdescent import get_hyperparams
-from hdfunc.rules import adam_hd_lr_beta1, sgdm, sgdm_hd, sgdm_hd_lr_momentum
+from hdfunc.rules import adam_hd_lr_beta1, sgdm_hd, sgdm_hd_lr_momentum
 from hdfunc.tree import tree_flatten, tree_unflatten
 from helpers import make_problem
 

@@ -60,9 +60,6 @@ def test_derived_views_and_normalised_bounds():
     assert (options.lr_low, options.lr_high) == (0.0, None)
     assert options.has_final_lr and options.higher_order
     assert not HDOptions().has_final_lr and not HDOptions().higher_order
-    assert HDOptions().changed() == {}
-    assert options.changed() == {"final_lr": 0.01, "hyper_hypergrad_lr": 1e-3,
-                                 "lr_bounds": (0.0, None)}
     assert hdfunc.HD_OPTIONS == HDOptions.names() and hdfunc.HDConfig is HDOptions
 
 

@@ -304,19 +304,17 @@ def user_spec(factory: Callable[[float, float], Any], name: Optional[str] = None
     if not callable(factory):
         raise TypeError(f"a rule factory must be callable, got {type(factory).__name__}")
     name = name or getattr(factory, "__name__", "user_rule")
-    hyper = False
-    try:  # a rule whose HD node carries a nonempty hyper_hypergrad is higher order
+    hyper, adapts, unsupported = False, (), ""
+    try:  # one probe of the rule and its state
+        from verification.hyperdescent import hyperdescent_node
         probe = factory(1e-3, 1e-3)
-        node = hdfunc.find_lr_state(probe.init({"x": torch.zeros(2, dtype=torch.float64)}))
+        state = probe.init({"x": torch.zeros(2, dtype=torch.float64)})
+        # a rule whose HD node carries a nonempty hyper_hypergrad is higher order
+        node = hdfunc.find_lr_state(state)
         hyper = node is not None and bool(tree_leaves(getattr(node, "hyper_hypergrad", ())))
-    except Exception:  # noqa: BLE001 - the checks themselves report a broken factory
-        pass
-    adapts: tuple[str, ...] = ()
-    unsupported = ""
-    try:  # a rule built by hdfunc.hyperdescent is checked per adapted hyperparameter
-        from verification.hyperdescent import adapted_names
-        probe = factory(1e-3, 1e-3)
-        adapts = adapted_names(probe, {"x": torch.zeros(2, dtype=torch.float64)})
+        # a rule built by hdfunc.hyperdescent is checked per adapted hyperparameter
+        found = hyperdescent_node(state)
+        adapts = () if found is None else tuple(found.hyperparams)
         if getattr(getattr(probe, "rate_law", None), "lr_schedule", None) is not None:
             unsupported = ("a rule with lr_schedule (a factor s(t-1) on the adapted rate) is not "
                            "verified yet: the checks take the applied rate to be the adapted "

@@ -23,11 +23,11 @@ from torch.func import grad
 
 import hdfunc
 from hdfunc.hyperdescent import HyperdescentState
-from hdfunc.tree import PyTree, tree_leaves, tree_sq_norm
+from hdfunc.tree import tree_leaves, tree_sq_norm
 
 from verification.catalog import Calibration, RuleSpec, calibrate
 from verification.derivatives import (FINITE, FORWARD, REVERSE, ROUNDING_FLOOR, Judge,
-                                      compare_derivatives, tolerance)
+                                      compare_derivatives, dtype_name, tolerance)
 from verification.problems import Problem
 from verification.report import Outcome, judged
 from verification.trajectories import run_trajectory, step_with
@@ -47,12 +47,6 @@ def hyperdescent_node(state: Any) -> Optional[HyperdescentState]:
             if found is not None:
                 return found
     return None
-
-
-def adapted_names(rule: Any, params: PyTree) -> tuple[str, ...]:
-    """The hyperparameters ``rule`` adapts (empty if its state holds no HyperdescentState)."""
-    node = hyperdescent_node(rule.init(params))
-    return () if node is None else tuple(node.hyperparams)
 
 
 def _replace_node(state: Any, node: HyperdescentState) -> Any:
@@ -138,9 +132,8 @@ def check_hyperdescent(case: HyperdescentCase, t: int) -> list[Outcome]:
     before, after = case.node(t - 1), case.node(t)
     node = hyperdescent_node(state)
     out: list[Outcome] = []
-    dtype_name = str(case.dtype).replace("torch.", "")
-    grad_norm = math.sqrt(float(tree_sq_norm(grad(case.problem.loss)(case.hist[t - 1][0]),
-                                             torch.float64)))
+    g_next = grad(case.problem.loss)(case.hist[t - 1][0])  # g_t, of the rate law's norms
+    grad_norm = math.sqrt(float(tree_sq_norm(g_next, torch.float64)))
     step_norm = math.sqrt(float(tree_sq_norm(
         [a - b for a, b in zip(tree_leaves(case.hist[t - 1][0]), tree_leaves(params))],
         torch.float64)))
@@ -174,13 +167,12 @@ def check_hyperdescent(case: HyperdescentCase, t: int) -> list[Outcome]:
                 f"{name} = {value} is at its projection bound, where the replayed step clamps "
                 "a perturbed value back: f is one-sided there and a central difference measures "
                 "half the derivative (reverse and forward mode are checked)")))
-        out.append(_rate_law(case, t, name, before, after, g_next=grad(case.problem.loss)(
-            case.hist[t - 1][0]), dtype_name=dtype_name))
+        out.append(_rate_law(case, t, name, before, after, grad_sq=grad_norm ** 2))
     return out
 
 
 def _rate_law(case: HyperdescentCase, t: int, name: str, before: HyperdescentState,
-              after: HyperdescentState, g_next: PyTree, dtype_name: str) -> Outcome:
+              after: HyperdescentState, grad_sq: float) -> Outcome:
     """λ_t from λ_{t-1}, β_λ, h_λ,t (and the norms) by the declared mode and bounds."""
     law = case.rule.hyperparams
     lam, beta, h = before.hyperparams[name], before.hypergrad_lr[name], after.hypergrad[name]
@@ -188,14 +180,14 @@ def _rate_law(case: HyperdescentCase, t: int, name: str, before: HyperdescentSta
     if law["mode"] == "additive":
         expected = lam - beta * h
     else:
-        norms = math.sqrt(float(tree_sq_norm(g_next, torch.float64))
-                          * float(tree_sq_norm(before.tangents[name], torch.float64)))
+        norms = math.sqrt(grad_sq * float(tree_sq_norm(before.tangents[name], torch.float64)))
         expected = lam if norms == 0 else lam * (1 - beta * h / norms)
     low, high = law["bounds"][name]
     expected = torch.clamp(torch.as_tensor(expected, dtype=dtype), min=low, max=high)
     actual = after.hyperparams[name]
     err = abs(float(actual) - float(expected))
-    return judged(HYPERDESCENT_LAW, "replay", case.spec.name, case.problem.name, dtype_name, err,
+    return judged(HYPERDESCENT_LAW, "replay", case.spec.name, case.problem.name,
+                  dtype_name(case.dtype), err,
                   max(abs(float(actual)), abs(float(lam))), tolerance(case.dtype, REVERSE),
                   f"seed {case.seed}, t={t}, {name}",
                   f"the rule's {name}_t and the {law['mode']} law applied to its h_{name},t")

@@ -26,7 +26,7 @@ from hdfunc.base import check_hyperparameter
 from hdfunc.hypergradient import HDState, adapt_rates
 from hdfunc.options import HDOptions
 from hdfunc.optim import terms
-from hdfunc.optim.sharding import Sharding, sharding_of
+from hdfunc.optim.sharding import Sharding, is_dtensor, sharding_of
 from hdfunc.optim.terms import SCRATCH_BYTES, HypergradTerms
 
 __all__ = ["HD_GROUP_KEYS", "HD_OPTION_KEYS", "HD_STATE_KEYS", "MIGRATES_FROM", "HDOptimizer",
@@ -77,14 +77,6 @@ except ImportError:  # pragma: no cover - older/newer torch
         if is_fused:
             return torch.float32
         return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _is_dtensor(p: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(p, DTensor)
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
@@ -290,7 +282,7 @@ class HDOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for p in group["params"]:
-            if _is_dtensor(p) and self.process_group is not None:
+            if is_dtensor(p) and self.process_group is not None:
                 raise ValueError(
                     "process_group= is for an optimizer over each rank's own parameters "
                     "(ZeroRedundancyOptimizer); with DTensor (FSDP2) parameters the hypergradient "
@@ -472,8 +464,8 @@ class HDOptimizer(Optimizer):
             for group, lists, state in zip(self.param_groups, prepared, states):
                 counted, rest = sharding.split(lists)
                 rows.append(self._hypergrad_terms(group, counted, state))
-                if rest["params"]:  # replicas counted on another rank (their side effects:
-                    self._hypergrad_terms(group, rest, state)  # SGD's stored direction d_t)
+                if rest["params"] and self._terms_update_state(group):  # replicas counted on
+                    self._hypergrad_terms(group, rest, state)  # another rank: their d_t only
         device = states[0].lr.device
         dtype = states[0].lr.dtype
         for state in states[1:]:
@@ -831,6 +823,11 @@ class HDOptimizer(Optimizer):
     def _prepare(self, group: dict) -> dict:  # pragma: no cover - abstract
         """The group's tensors with a gradient, as lists (creating their state lazily)."""
         raise NotImplementedError
+
+    def _terms_update_state(self, group: dict) -> bool:
+        """Whether ``_hypergrad_terms`` also updates per-parameter state (SGD-HD's stored
+        direction d_t ← g_t), so that it must run on tensors whose terms are not counted."""
+        return False
 
     def _hypergrad_terms(self, group: dict, lists: dict,
                          state: HDState) -> HypergradTerms:  # pragma: no cover - abstract

@@ -121,6 +121,9 @@ class SGDHD(HDOptimizer):
         return {"params": params, "grads": grads, "momentum_buffers": buffers,
                 "directions": directions}
 
+    def _terms_update_state(self, group: dict) -> bool:
+        return self._stores_direction(group)
+
     def _hypergrad_terms(self, group: dict, lists: dict, state: HDState) -> terms.HypergradTerms:
         want_sq = group["mode"] == "multiplicative"
         # d_{t-1}: the stored direction, or the heavy-ball momentum buffer v_{t-1} (none at t=1);
