@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up and entry point. On first use it makes .venv (seeing system packages, so a CUDA torch
 # installed there is kept), installs torch only if none is importable (the CPU build torch==2.13.0
-# here; set HDFUNC_TORCH to choose another), then hdfunc with its test extras.
+# here; set HDFUNC_TORCH to choose another), then hdfunc with its test and peers extras (the
+# peers: the optimizers docs/peers.md compares HD with, so their tests run).
 #   bash run.sh            # the main job: the demo (verification summary + a small study)
 #   bash run.sh test       # the tests
 #   bash run.sh <hdfunc subcommand> ...   e.g. bash run.sh study --help
@@ -17,7 +18,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     if ! "$py" -c "import torch" 2>/dev/null; then
         "$py" -m pip install --disable-pip-version-check "${HDFUNC_TORCH:-torch==2.13.0}"
     fi
-    "$py" -m pip install --disable-pip-version-check -q -e ".[test]"
+    "$py" -m pip install --disable-pip-version-check -q -e ".[test,peers]"
     touch "$stamp"
 fi
 command="${1:-demo}"

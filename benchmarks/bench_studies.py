@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_studies.py [--seeds 256] [--steps 30] [--device cpu]
                                                  [--problems classification,logreg] [--no-compile]
                                                  [--threads 1] [--loop-steps 10] [--repeat 3]
+                                                 [--breakdown]
 
 For each problem and optimizer it measures, each in a fresh subprocess (so peak memory is its own):
 
@@ -10,10 +11,15 @@ For each problem and optimizer it measures, each in a fresh subprocess (so peak 
 * batched:  all seeds at once, hdfunc.studies.BatchedTrainer (vmap over stacked params/states)
 * compiled: the same with torch.compile on the batched step (compile time reported apart)
 
-and prints a Markdown table: seeds·steps per second, speed-up over the loop, and peak memory
-(CPU: growth of the process's peak RSS over its resident size after set-up; CUDA: peak
-allocated). Timings exclude set-up and warm-up steps (the compilation for ``compiled``); each is the
-best of ``--repeat`` repetitions (a shared machine only ever slows a measurement down).
+and prints a Markdown table: seeds·steps per second (best and range over the repetitions),
+speed-up over the loop, and peak memory (CPU: growth of the process's peak RSS over its resident
+size after set-up; CUDA: peak allocated). Timings exclude set-up and warm-up steps (the
+compilation for ``compiled``); each is the best of ``--repeat`` repetitions (a shared machine only
+ever slows a measurement down).
+
+``--breakdown`` adds, per problem and optimizer, where the batched step's time goes (the
+profiler's self time of torch's operations by kind, per step, set-up excluded; what is left of
+the profiled wall time is Python and dispatch, inflated by the profiler itself).
 """
 
 from __future__ import annotations
@@ -95,7 +101,11 @@ def measure(mode: str, problem_name: str, optimizer: str, seeds: int, steps: int
             times.append(time.perf_counter() - start)
     else:
         # the engine's own training loop (BatchedTrainer.run): per step one index tensor for
-        # all seeds' minibatches, one gather, one vmapped step; no checkpoints, no evaluation
+        # all seeds' minibatches, one gather, one vmapped step; no checkpoints, no evaluation.
+        # Each call of run() first sets up its runs (S models initialised from their seeds,
+        # stacked, rule.init, the epoch's S permutations: ~10-25 ms at S = 64 on MNIST); the
+        # loop above does its set-up before the clock starts, so here too the set-up is taken
+        # out: a repetition is run(steps + 1) minus run(1), the same set-up and first step.
         trainer = BatchedTrainer(problem, spec, config, device)
         baseline = rss_kib("VmRSS")
         if cuda:
@@ -104,12 +114,19 @@ def measure(mode: str, problem_name: str, optimizer: str, seeds: int, steps: int
         trainer.run(keys, steps=2)  # warm-up (and compilation for "compiled")
         sync()
         result["warmup_s"] = time.perf_counter() - start
-        times = []
+        times, setups = [], []
         for _ in range(REPEAT):
             start = time.perf_counter()
-            trainer.run(keys, steps=steps)
+            trainer.run(keys, steps=1)
             sync()
-            times.append(time.perf_counter() - start)
+            setups.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            trainer.run(keys, steps=steps + 1)
+            sync()
+            times.append(time.perf_counter() - start - setups[-1])
+        result["setup_and_first_step_s"] = round(min(setups), 4)
+    if mode == "breakdown":
+        result.update(breakdown(trainer, keys, steps, problem))
     elapsed = min(times)  # the best repetition: the machine may be shared
     result["seconds"] = elapsed
     result["repeats"] = [round(t, 4) for t in times]
@@ -117,6 +134,47 @@ def measure(mode: str, problem_name: str, optimizer: str, seeds: int, steps: int
     result["peak_mib"] = ((torch.cuda.max_memory_allocated() / 2**20) if cuda
                           else (rss_kib("VmHWM") - baseline) / 1024)
     return result
+
+
+BREAKDOWN = ("gather (index_select)", "matrix products", "log_softmax + backward",
+             "element-wise, parameter-sized", "other operations", "Python and dispatch")
+
+
+def breakdown(trainer, keys: tuple, steps: int, problem) -> dict:
+    """Milliseconds per batched step by kind of work: torch.profiler's self CPU time of the aten
+    operations of run(steps + 1) minus those of run(1) (the set-up and first step), divided by
+    ``steps``; "Python and dispatch" is the rest of the profiled wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runs = len(keys)
+    shapes = {tuple(v.shape) for v in problem.init_params(0).values()}
+    shapes |= {(runs,) + shape for shape in shapes}  # as vmap's batched operations see them
+
+    def kind(key: str, input_shapes: list) -> str:
+        if key == "aten::index_select":
+            return BREAKDOWN[0]
+        if key in ("aten::bmm", "aten::mm", "aten::addmm", "aten::baddbmm"):
+            return BREAKDOWN[1]
+        if key in ("aten::_log_softmax", "aten::_log_softmax_backward_data"):
+            return BREAKDOWN[2]
+        if any(tuple(shape) in shapes for shape in input_shapes if shape):
+            return BREAKDOWN[3]
+        return BREAKDOWN[4]
+
+    def profiled(n: int) -> dict:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            start = time.perf_counter()
+            trainer.run(keys, steps=n)
+            wall = time.perf_counter() - start
+        seconds = dict.fromkeys(BREAKDOWN, 0.0)
+        for event in prof.key_averages(group_by_input_shape=True):
+            if event.key.startswith("aten::"):
+                seconds[kind(event.key, event.input_shapes)] += event.self_cpu_time_total / 1e6
+        seconds[BREAKDOWN[5]] = wall - sum(seconds.values())
+        return seconds
+
+    one, many = profiled(1), profiled(steps + 1)
+    return {"breakdown_ms": {k: round((many[k] - one[k]) / steps * 1e3, 2) for k in BREAKDOWN}}
 
 
 def run_child(*args: str) -> dict:
@@ -141,6 +199,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions; the best counts")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also profile the batched step: its time per step by kind of work")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -150,7 +210,8 @@ def main() -> None:
     global THREADS
     THREADS = args.threads
     os.environ["BENCH_REPEAT"] = str(args.repeat)
-    modes = ["loop", "batched"] + ([] if args.no_compile else ["compiled"])
+    modes = (["loop", "batched"] + ([] if args.no_compile else ["compiled"])
+             + (["breakdown"] if args.breakdown else []))
     rows = []
     print(f"load average before: {os.getloadavg()[0]:.2f}; cores: {os.cpu_count()}", file=sys.stderr)
     for problem in args.problems.split(","):
@@ -168,16 +229,29 @@ def main() -> None:
           f"{args.threads or 'torch default'}, best of {args.repeat} repetitions of {args.steps} steps "
           f"(loop: {args.loop_steps or args.steps} steps per seed); "
           f"load average after: {os.getloadavg()[0]:.2f}\n")
-    print("| problem (params) | optimizer | mode | seeds·steps/s | speed-up vs loop | peak memory (MiB) | warm-up/compile (s) |")
+    print("| problem (params) | optimizer | mode | seeds·steps/s (range) | speed-up vs loop | peak memory (MiB) | warm-up/compile (s) |")
     print("|---|---|---|---:|---:|---:|---:|")
     for r, loop_rate in rows:
+        if r["mode"] == "breakdown":
+            continue
         if "error" in r:
             print(f"| {r['problem']} | {r['optimizer']} | {r['mode']} | failed: {r['error'][:80]} | | | |")
             continue
         speedup = f"{r['seed_steps_per_s'] / loop_rate:.1f}×" if loop_rate else "-"
         warm = f"{r['warmup_s']:.1f}" if "warmup_s" in r else "-"
+        rates = [r["seeds"] * r["steps"] / t for t in r["repeats"]]
         print(f"| {r['problem']} ({r['params']}) | {r['optimizer']} | {r['mode']} | "
-              f"{r['seed_steps_per_s']:.0f} | {speedup} | {r['peak_mib']:.0f} | {warm} |")
+              f"{r['seed_steps_per_s']:.0f} ({min(rates):.0f}–{max(rates):.0f}) | {speedup} | "
+              f"{r['peak_mib']:.0f} | {warm} |")
+    profiled = [r for r, _ in rows if r["mode"] == "breakdown" and "error" not in r]
+    if profiled:
+        print("\nBatched step, ms per step by kind of work (profiled; set-up excluded):\n")
+        print("| problem | optimizer | unprofiled step (ms) | " + " | ".join(BREAKDOWN) + " |")
+        print("|---|---|---:|" + "---:|" * len(BREAKDOWN))
+        for r in profiled:
+            cells = " | ".join(f"{r['breakdown_ms'][k]:.2f}" for k in BREAKDOWN)
+            print(f"| {r['problem']} | {r['optimizer']} | {r['seconds'] / r['steps'] * 1e3:.2f} | "
+                  f"{cells} |")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@ SUBCOMMANDS = {
 
 
 def usage() -> str:
+    """The top-level help: the commands of :data:`SUBCOMMANDS` and the options.
+
+    Returns:
+        The help text.
+    """
     lines = ["usage: hdfunc [--version] <command> [options]", "",
              "Hypergradient descent as functional update rules on torch.func.", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
@@ -32,6 +37,16 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``hdfunc``: print the help or the version, or run the subcommand ``argv[0]`` with
+    the rest of ``argv`` (its module is imported only then).
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 after the help or the version, 2 for an unknown command, else the
+        subcommand's (0 when it returns None).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

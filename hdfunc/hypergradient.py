@@ -200,7 +200,9 @@ def scaled_step(rate: torch.Tensor, direction: torch.Tensor, dtype: torch.dtype)
     Returns:
         The step -rate ⊙ d in ``dtype``.
     """
-    return (-(rate * direction)).to(dtype)
+    # (-γ) ⊙ d equals -(γ ⊙ d) bit for bit (rounding is sign-symmetric) and negates one number,
+    # not a parameter-sized tensor, when γ is 0-d
+    return ((-rate) * direction).to(dtype)
 
 
 def hypergradient(direction: Transform, lr: float | torch.Tensor,

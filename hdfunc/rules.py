@@ -463,7 +463,8 @@ def sgdn_hd_lr_momentum(lr: Number, hypergrad_lr: Number, momentum_hypergrad_lr:
         hypergrad_lr: β_α, the hypergradient rate of α.
         momentum_hypergrad_lr: β_μ, the hypergradient rate of μ.
         momentum: μ_0 in [0, 1).
-        weight_decay: λ of the coupled L2 term (the hypergradients use g_t without it).
+        weight_decay: λ of the coupled L2 term (the hypergradients use g_t + λθ_{t-1}, the
+            gradient of the penalised objective, as sgdn_hd).
         mode: ``"additive"`` or ``"multiplicative"``.
         bounds: ``{"lr": (low, high), "momentum": (low, high)}`` overriding the projections.
         skip_nonfinite: keep a hyperparameter whose hypergradient or new value is not finite.

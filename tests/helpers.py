@@ -1,9 +1,16 @@
-"""Small shared test problems: a nested-pytree regression model and a step loop."""
+"""Small shared test problems (a nested-pytree regression model, a small torch.nn regression model),
+a step loop, the torch LR scheduler families, and the set-up of gloo test processes."""
 
 from __future__ import annotations
 
+import os
+import socket
+
 import torch
+import torch.distributed as dist
+from torch import nn
 from torch.func import grad
+from torch.optim import lr_scheduler
 
 import hdfunc
 from hdfunc.tree import tree_flatten, tree_unflatten
@@ -47,3 +54,58 @@ def flat_grad_fn(loss, params):
         return tree_flatten(grad(loss)(tree_unflatten(leaves, spec)))[0]
 
     return fn
+
+
+def tanh_regression(dtype: torch.dtype = torch.float64, seed: int = 0):
+    """A 5-7-3-1 tanh network and a regression batch of 48 (model, inputs, targets)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(),
+                          nn.Linear(3, 1)).to(dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(48, 5, generator=gen, dtype=torch.float64).to(dtype)
+    y = torch.randn(48, 1, generator=gen, dtype=torch.float64).to(dtype)
+    return model, x, y
+
+
+def small_tanh_regression(seed: int = 0):
+    """A 5-7-1 tanh network (float64) and a regression batch of 32 (model, inputs, targets)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).double()
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(32, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(32, 1, generator=gen, dtype=torch.float64)
+    return model, x, y
+
+
+SCHEDULER_STEPS = 12
+
+# name -> scheduler factory (the six families of issue 10), for runs of SCHEDULER_STEPS steps;
+# ReduceLROnPlateau steps on the loss
+SCHEDULERS = {
+    "StepLR": lambda opt: lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+    "OneCycleLR": lambda opt: lr_scheduler.OneCycleLR(opt, max_lr=2e-2,
+                                                      total_steps=SCHEDULER_STEPS + 1),
+    "CosineAnnealingLR": lambda opt: lr_scheduler.CosineAnnealingLR(opt, T_max=SCHEDULER_STEPS,
+                                                                    eta_min=1e-4),
+    "ReduceLROnPlateau": lambda opt: lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0,
+                                                                    threshold=0.05),
+    "LambdaLR": lambda opt: lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + t)),
+    "SequentialLR": lambda opt: lr_scheduler.SequentialLR(
+        opt, [lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=3),
+              lr_scheduler.ExponentialLR(opt, gamma=0.9)], milestones=[3]),
+}
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo(rank: int, port: int, world: int) -> None:
+    """Join a gloo process group over the loopback interface (one torch thread per process)."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)

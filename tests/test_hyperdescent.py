@@ -1,8 +1,9 @@
-"""hdfunc.hyperdescent: HD on any hyperparameter by forward mode (issue 12, first slice).
+"""hdfunc.hyperdescent: HD on any hyperparameter by forward mode (issue 12).
 
-The analytic HD rules are reproduced to rounding, and every carried tangent / hypergradient of a
-non-lr hyperparameter is checked against reverse-mode autodiff and finite differences of the
-frozen previous step (the greedy one-step definition)."""
+The analytic HD rules are reproduced to rounding (global, per tensor, per element, with coupled
+weight decay), and every carried tangent / hypergradient is checked against reverse-mode autodiff
+and finite differences of the frozen previous step (the greedy one-step definition) on the
+objective the rule descends (with its coupled L2 penalty)."""
 
 import functools
 import re
@@ -113,6 +114,14 @@ def frozen_step(factory, values, base_state, g, params, fixed):
     return u
 
 
+def coupled_decay(factory, values, fixed):
+    """The coupled L2 coefficient of the objective (0 for adamw, whose decay is decoupled)."""
+    if factory is hdfunc.adamw:
+        return 0.0
+    value = values.get("weight_decay", fixed.get("weight_decay", 0.0))
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
 ORACLE_CASES = [
     (hdfunc.sgdn, {"momentum": 1e-3}, {"lr": 0.02, "momentum": 0.9}),
     (hdfunc.sgdn, {"lr": 1e-3, "momentum": 1e-3}, {"lr": 0.02, "momentum": 0.8}),
@@ -121,6 +130,8 @@ ORACLE_CASES = [
      {"lr": 0.01, "betas": (0.8, 0.99)}),
     (hdfunc.adamw, {"weight_decay": 1e-2}, {"lr": 0.01, "weight_decay": 0.1}),
     (hdfunc.sgd, {"weight_decay": 1e-2}, {"lr": 0.02, "weight_decay": 0.05}),
+    (hdfunc.adam, {"lr": 1e-4, "betas[0]": 1e-3},
+     {"lr": 0.01, "betas": (0.9, 0.999), "weight_decay": 0.1}),
 ]
 
 
@@ -150,8 +161,13 @@ def test_tangents_and_hypergradients_match_autodiff(factory, rates, fixed):
             # (Adam's first step: ∂u_1/∂β1 = 0 exactly, both sides give rounding noise ~1e-17)
             assert max_diff(got, expected) <= 1e-10 * scale + 1e-15, (k, name)
 
+        # the objective the rule descends: f, plus (c/2)‖θ‖² for a coupled L2 term c (sgd's
+        # weight_decay; adamw's is decoupled), c at its value of step t-1 (not differentiated)
+        c = coupled_decay(factory, values, fixed)
+
         def loss_at(*lams):
-            return problem.loss(hdfunc.apply_updates(params, u_of(*lams)))
+            theta = hdfunc.apply_updates(params, u_of(*lams))
+            return problem.loss(theta) + 0.5 * c * sum((x * x).sum() for x in tree_leaves(theta))
 
         exact = grad(loss_at, argnums=tuple(range(len(names))))(*primals)
         for i, name in enumerate(names):
@@ -236,9 +252,11 @@ def test_vmap_over_seeds_matches_a_loop():
             assert abs(batched_hyper[name][i].item() - hyper[name].item()) <= 1e-12
 
 
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("rates", [{"lr": 1e-3, "momentum": 1e-3}, {"lr": 1e-3}],
+                         ids=["rebuilt", "built-once"])
+def test_torch_compile_matches_eager(rates):
     problem = make_problem("quadratic")
-    rule = hyperdescent(hdfunc.sgdn, {"lr": 1e-3, "momentum": 1e-3}, lr=0.02)
+    rule = hyperdescent(hdfunc.sgdn, rates, lr=0.02)
     params = problem.params
     state = rule.init(params)
     g = grad(problem.loss)(params)
@@ -367,3 +385,221 @@ def test_adapting_beta_needs_an_hd_rule_without_higher_order():
     with pytest.raises(ValueError, match="already adapts it"):
         hyperdescent(hdfunc.sgd_hd, {"hypergrad_lr": 1e-3}, lr=0.1, hypergrad_lr=1e-3,
                      hyper_hypergrad_lr=1e-2).init(params)
+
+
+# ----------------------------------------------------------------------------- granularity
+
+
+GRANULAR = [
+    (hdfunc.sgd, hdfunc.sgd_hd, {}, 1e-3),
+    (hdfunc.sgdn, hdfunc.sgdn_hd, {"momentum": 0.9}, 1e-3),
+    (hdfunc.adam, hdfunc.adam_hd, {"betas": (0.9, 0.999)}, 1e-4),
+]
+
+
+@pytest.mark.parametrize("mode", ["additive", "multiplicative"])
+@pytest.mark.parametrize("granularity", ["tensor", "element"])
+@pytest.mark.parametrize("base,analytic,options,beta", GRANULAR,
+                         ids=[a[0].__name__ for a in GRANULAR])
+def test_per_tensor_and_per_element_lr_reproduce_the_analytic_rule(base, analytic, options, beta,
+                                                                   granularity, mode):
+    """hyperdescent(base, {"lr": β}, granularity=g) is <base>_hd(lr_granularity=g) in float64:
+    every rate and the params to rounding over 20 steps; the rates did separate (so a global
+    rate could not pass)."""
+    problem = make_problem("mlp")
+    beta = 0.02 if mode == "multiplicative" else beta
+    ours = run(hyperdescent(base, {"lr": beta}, mode=mode, granularity=granularity, lr=0.02,
+                            **options), problem, 20)
+    theirs = run(analytic(lr=0.02, hypergrad_lr=beta, mode=mode, lr_granularity=granularity,
+                          **options), problem, 20)
+    for (p1, s1, _), (p2, s2, _) in zip(ours[1:], theirs[1:]):
+        assert max_diff(p1, p2) <= 1e-13 * (1 + max(p.abs().max().item()
+                                                    for p in tree_leaves(p2)))
+        assert max_diff(s1.hyperparams["lr"], hdfunc.get_lr(s2)) <= 1e-13 * 0.02
+    rates = torch.cat([r.reshape(-1) for r in tree_leaves(ours[-1][1].hyperparams["lr"])])
+    assert rates.numel() == (4 if granularity == "tensor" else 75)
+    assert (rates.max() - rates.min()).item() > 1e-9  # separate rates (rounding: ~1e-15)
+    assert ours[-1][1].skipped.item() == 0
+
+
+GRANULAR_ORACLE = [
+    (hdfunc.sgdn, {"momentum": 1e-3}, "tensor", {"lr": 0.02, "momentum": 0.9}),
+    (hdfunc.sgdn, {"lr": 1e-3, "momentum": 1e-3}, {"momentum": "tensor"},
+     {"lr": 0.02, "momentum": 0.8}),
+    (hdfunc.adam, {"betas[0]": 1e-3, "betas[1]": 1e-3}, "tensor",
+     {"lr": 0.01, "betas": (0.8, 0.99)}),
+    (hdfunc.sgd, {"lr": 1e-3}, "element", {"lr": 0.02}),
+    (hdfunc.sgd, {"weight_decay": 1e-2}, "tensor", {"lr": 0.02, "weight_decay": 0.05}),
+    (hdfunc.adam, {"lr": 1e-4, "betas[0]": 1e-3}, {"lr": "element", "betas[0]": "tensor"},
+     {"lr": 0.01, "betas": (0.9, 0.999), "weight_decay": 0.1}),
+]
+
+
+@pytest.mark.parametrize("factory,rates,granularity,fixed", GRANULAR_ORACLE,
+                         ids=[f"{c[0].__name__}-{'+'.join(c[1])}-{c[2]}" for c in GRANULAR_ORACLE])
+def test_granular_hypergradients_match_autodiff(factory, rates, granularity, fixed):
+    """Per tensor / per element: h_λ,t has one entry per tensor (element) of λ, each the exact
+    ∂/∂λ_j f(θ_{t-2} + u_{t-1}(λ)) of the penalised objective by reverse mode, where u_{t-1}(λ)
+    applies to tensor i the base rule with tensor i's λ (its own state, frozen), and λ_t follows
+    the additive law entry by entry."""
+    problem = make_problem("mlp")
+    history = run(hyperdescent(factory, rates, granularity=granularity, **fixed), problem, 6)
+    names = list(rates)
+    grains = granularity if isinstance(granularity, dict) else dict.fromkeys(names, granularity)
+    for k in range(len(history) - 2):
+        params, state, g = history[k]
+        after, following = history[k + 1][1], history[k + 2][1]
+        spec_leaves = tree_leaves(params)
+        values = dict(after.hyperparams)
+
+        def u_of(*lams):
+            steps = []
+            for i, (p, gi, base) in enumerate(zip(spec_leaves, tree_leaves(g), state.base)):
+                mine = {n: tree_leaves(v)[i] if grains.get(n, "global") != "global" else v
+                        for n, v in zip(names, lams)}
+                if grains.get("lr") == "element":  # α lives in the state; a 0-d placeholder
+                    base = hdfunc.freeze_lr(base, mine.pop("lr"))
+                steps.append(frozen_step(factory, mine, base, [gi], [p], fixed)[0])
+            return [s for s in steps]
+
+        c = coupled_decay(factory, values, fixed)  # per tensor for a per-tensor weight decay
+        c = [x.detach() for x in tree_leaves(c)] if isinstance(c, dict) else [c] * len(spec_leaves)
+
+        def loss_at(*lams):
+            theta = [p + u for p, u in zip(spec_leaves, u_of(*lams))]
+            rebuilt = torch.utils._pytree.tree_unflatten(
+                theta, torch.utils._pytree.tree_structure(params))
+            return problem.loss(rebuilt) + 0.5 * sum(ci * (x * x).sum()
+                                                     for ci, x in zip(c, theta))
+
+        primals = tuple(values[n] for n in names)
+        exact = grad(loss_at, argnums=tuple(range(len(names))))(*primals)
+        for i, name in enumerate(names):
+            got = following.hypergrad[name]
+            scale = max(x.abs().max().item() for x in tree_leaves(exact[i]))
+            assert max_diff(got, exact[i]) <= 1e-9 * scale + 1e-15, (k, name)
+            expected = tree_map(lambda a, h: a - rates[name] * h, after.hyperparams[name], got)
+            for e, a in zip(tree_leaves(expected), tree_leaves(following.hyperparams[name])):
+                lo, hi = (0.0, None) if name in ("lr", "weight_decay") else (0.0, PROBABILITY_HIGH)
+                torch.testing.assert_close(a, e.clamp(min=lo, max=hi), rtol=0, atol=0)
+    for name in names:
+        if grains.get(name, "global") != "global":
+            leaves = tree_leaves(history[-1][1].hyperparams[name])
+            flat = torch.cat([x.reshape(-1) for x in leaves])
+            assert flat.max() > flat.min(), name  # one λ per tensor / element, apart
+
+
+def test_per_tensor_rule_with_zero_rates_is_the_base_rule():
+    """Applied tensor by tensor (with a per-tensor weight-decay mask resolved from a callable),
+    the base rule takes the steps of the whole-tree rule."""
+    problem = make_problem("mlp")
+    mask = lambda ps: {k: {"weight": True, "bias": False} for k in ps}  # noqa: E731
+    ours = run(hyperdescent(hdfunc.adam, {"betas[0]": 0.0, "lr": 0.0}, granularity="tensor",
+                            lr=0.01, weight_decay=0.1, weight_decay_mask=mask), problem, 10)
+    theirs = run(hdfunc.adam(lr=0.01, weight_decay=0.1, weight_decay_mask=mask), problem, 10)
+    assert max_diff(ours[-1][0], theirs[-1][0]) <= 1e-14
+    unmasked = run(hdfunc.adam(lr=0.01, weight_decay=0.1), problem, 10)
+    assert max_diff(ours[-1][0], unmasked[-1][0]) > 1e-6  # the mask mattered
+
+
+def test_granular_rule_vmaps_and_compiles():
+    problem = make_problem("mlp")
+    rule = hyperdescent(hdfunc.sgdn, {"lr": 1e-3, "momentum": 1e-3},
+                        granularity={"lr": "element", "momentum": "tensor"}, lr=0.02)
+    starts = [perturbed_params(problem, 0.1, seed) for seed in range(2)]
+
+    def train(params, update=rule.update):
+        state = rule.init(params)
+        for _ in range(3):
+            g = grad(problem.loss)(params)
+            u, state = update(g, state, params)
+            params = hdfunc.apply_updates(params, u)
+        return params, state.hyperparams
+
+    batched, _ = vmap(train)(tree_stack(starts))
+    for i, start in enumerate(starts):
+        assert max_diff(tree_map(lambda x: x[i], batched), train(start)[0]) <= 1e-12
+    compiled = torch.compile(rule.update, backend="aot_eager", fullgraph=False)
+    assert max_diff(train(starts[0], compiled)[0], train(starts[0])[0]) <= 1e-12
+
+
+@pytest.mark.parametrize("factory,rates,options,message", [
+    (hdfunc.sgdn, {"momentum": 1e-3}, {"granularity": "element"}, "'lr' only"),
+    (hdfunc.sgdn, {"lr": 1e-3}, {"granularity": "layer"}, "granularity of 'lr'"),
+    (hdfunc.sgdn, {"lr": 1e-3}, {"granularity": {"momentum": "tensor"}}, "not adapted"),
+    (hdfunc.sgd_hd, {"hypergrad_lr": 1e-3}, {"granularity": "tensor", "hypergrad_lr": 1e-3},
+     "globally only"),
+    (hdfunc.sgdn_hd, {"momentum": 1e-3}, {"granularity": "tensor", "hypergrad_lr": 1e-3},
+     "adapts a learning rate itself"),
+    (hdfunc.sgdn, {"lr": 1e-3}, {"coupled_weight_decay": 1}, "coupled_weight_decay"),
+])
+def test_bad_granularity_and_decay_options_are_refused(factory, rates, options, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        hyperdescent(factory, rates, lr=0.1, **options)
+
+
+# ----------------------------------------------------------------------------- coupled decay
+
+
+@pytest.mark.parametrize("granularity", ["global", "tensor"])
+@pytest.mark.parametrize("mode", ["additive", "multiplicative"])
+@pytest.mark.parametrize("base,analytic,options", [
+    (hdfunc.sgd, hdfunc.sgd_hd, {}),
+    (hdfunc.sgdn, hdfunc.sgdn_hd, {"momentum": 0.9}),
+    (hdfunc.adam, hdfunc.adam_hd, {}),
+    (hdfunc.adam, hdfunc.adam_hd, {"weight_decay_mask": lambda ps: {
+        k: {"weight": True, "bias": False} for k in ps}}),
+], ids=["sgd", "sgdn", "adam", "adam-masked"])
+def test_coupled_weight_decay_matches_the_analytic_rule(base, analytic, options, mode,
+                                                        granularity):
+    """With a coupled L2 term both use the gradient of the penalised objective,
+    g_t + wd θ_{t-1}: the trajectories agree to rounding; with the raw g_t (the penalty left out,
+    coupled_weight_decay=False) they do not."""
+    problem = make_problem("mlp")
+    beta = 0.02 if mode == "multiplicative" else 1e-3
+    kwargs = dict(lr=0.02, weight_decay=0.3, **options)
+    ours = run(hyperdescent(base, {"lr": beta}, mode=mode, granularity=granularity, **kwargs),
+               problem, 20)
+    theirs = run(analytic(hypergrad_lr=beta, mode=mode, lr_granularity=granularity, **kwargs),
+                 problem, 20)
+    for (p1, s1, _), (p2, s2, _) in zip(ours[1:], theirs[1:]):
+        assert max_diff(p1, p2) <= 1e-13 * (1 + max(p.abs().max().item()
+                                                    for p in tree_leaves(p2)))
+        assert max_diff(s1.hyperparams["lr"], hdfunc.get_lr(s2)) <= 1e-13 * 0.02
+    raw = run(hyperdescent(base, {"lr": beta}, mode=mode, granularity=granularity,
+                           coupled_weight_decay=False, **kwargs), problem, 20)
+    assert max_diff(raw[-1][1].hyperparams["lr"], ours[-1][1].hyperparams["lr"]) > 1e-9
+
+
+def test_coupled_weight_decay_is_read_from_the_factory():
+    assert hyperdescent(hdfunc.adam, {"lr": 1e-3}, lr=0.1,
+                        weight_decay=0.1).hyperparams["coupled_weight_decay"]
+    assert not hyperdescent(hdfunc.adam, {"lr": 1e-3}, lr=0.1, weight_decay=0.1,
+                            decoupled_weight_decay=True).hyperparams["coupled_weight_decay"]
+    assert not hyperdescent(hdfunc.adamw, {"lr": 1e-3}, lr=0.1,
+                            weight_decay=0.1).hyperparams["coupled_weight_decay"]
+    assert not hyperdescent(hdfunc.adam, {"lr": 1e-3},
+                            lr=0.1).hyperparams["coupled_weight_decay"]  # weight decay 0
+    assert hyperdescent(hdfunc.sgd, {"weight_decay": 1e-3}, lr=0.1,
+                        weight_decay=0.0).hyperparams["coupled_weight_decay"]  # adapted from 0
+
+
+# ----------------------------------------------------------------------------- eager cost
+
+
+def test_rule_is_built_once_when_only_state_held_hyperparameters_are_adapted():
+    """α (and an HD rule's β) are written into the state: the factory is not called per step;
+    a closure hyperparameter (momentum) needs the rule rebuilt with its λ at every step."""
+    calls = []
+
+    def counting(**kwargs):
+        calls.append(kwargs)
+        return hdfunc.sgdn(**kwargs)
+
+    problem = make_problem("quadratic")
+    for rates, per_step in (({"lr": 1e-3}, 0), ({"lr": 1e-3, "momentum": 1e-3}, 1)):
+        rule = hyperdescent(counting, rates, lr=0.02, momentum=0.9)
+        run(rule, problem, 1)
+        before = len(calls)
+        run(rule, problem, 5)
+        assert len(calls) - before == 1 + 5 * per_step  # init, then the steps

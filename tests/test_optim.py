@@ -14,16 +14,10 @@ from torch.func import functional_call, grad
 import hdfunc
 from hdfunc.base import Transform
 from hdfunc.optim import SGDHD, SGDNHD, AdamHD, AdamWHD
+from helpers import tanh_regression
 
 
-def make_model(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(),
-                          nn.Linear(3, 1)).to(dtype)
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(48, 5, generator=gen, dtype=torch.float64).to(dtype)
-    y = torch.randn(48, 1, generator=gen, dtype=torch.float64).to(dtype)
-    return model, x, y
+make_model = tanh_regression
 
 
 def train(model, optimizer, x, y, steps, sign=1.0):

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -25,18 +23,13 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
+from helpers import free_port, init_gloo
 from hdfunc.optim import SGDHD, AdamHD
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 6
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _problem():
@@ -66,10 +59,7 @@ def _single_process(name: str):
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    init_gloo(rank, port, WORLD)
     results = {}
     try:
         for name, (cls, kwargs) in OPTIMIZERS.items():
@@ -163,7 +153,7 @@ def distributed_results(tmp_path_factory):
     tests_dir = str(Path(__file__).resolve().parent)
     if tests_dir not in sys.path:
         sys.path.insert(0, tests_dir)
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -13,8 +13,6 @@ single-process rule too.
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import hdfunc
+from helpers import free_port, init_gloo
 from hdfunc.optim import SGDHD, SGDNHD, AdamHD, AdamWHD
 
 pytestmark = pytest.mark.distributed
@@ -131,12 +130,6 @@ def functional_problem():
     return start, loss
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str, checkpoint: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
@@ -145,10 +138,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, checkpoint: str) -> 
                                                          set_optimizer_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, port, world)
     results = {}
     try:
         meshes = {"1d": init_device_mesh("cpu", (world,))}
@@ -231,7 +221,7 @@ def fsdp_results(tmp_path_factory):
         sys.path.insert(0, tests_dir)
     results = {}
     for world in (2, 4):  # 2 first: it writes the checkpoint the 4-rank run loads
-        mp.spawn(_worker, args=(world, _free_port(), str(out_dir), checkpoint), nprocs=world,
+        mp.spawn(_worker, args=(world, free_port(), str(out_dir), checkpoint), nprocs=world,
                  join=True)
         results[world] = [torch.load(out_dir / f"world{world}_rank{r}.pt", weights_only=False)
                           for r in range(world)]

@@ -15,36 +15,17 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from hdfunc.optim import SGDHD, AdamHD
+from helpers import SCHEDULER_STEPS as STEPS
+from helpers import SCHEDULERS, small_tanh_regression
 
-STEPS = 12
 
-
-def make_model(seed=0):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).double()
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(32, 5, generator=gen, dtype=torch.float64)
-    y = torch.randn(32, 1, generator=gen, dtype=torch.float64)
-    return model, x, y
+make_model = small_tanh_regression
 
 
 def loss_of(model, x, y):
     return ((model(x) - y) ** 2).mean()
 
 
-# name -> scheduler factory (the six families of issue 10); ReduceLROnPlateau steps on the loss
-SCHEDULERS = {
-    "StepLR": lambda opt: lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
-    "OneCycleLR": lambda opt: lr_scheduler.OneCycleLR(opt, max_lr=2e-2, total_steps=STEPS + 1),
-    "CosineAnnealingLR": lambda opt: lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS,
-                                                                    eta_min=1e-4),
-    "ReduceLROnPlateau": lambda opt: lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0,
-                                                                    threshold=0.05),
-    "LambdaLR": lambda opt: lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + t)),
-    "SequentialLR": lambda opt: lr_scheduler.SequentialLR(
-        opt, [lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=3),
-              lr_scheduler.ExponentialLR(opt, gamma=0.9)], milestones=[3]),
-}
 
 # name -> (HD class, its options, the torch optimizer it extends, the shared base options)
 OPTIMIZERS = {

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from torch.func import functional_call
+from torch.nn import functional as F
 
 import hdfunc
 from hdfunc.studies import (StudyConfig, make_problem, minibatch_indices,
@@ -105,6 +106,39 @@ def test_seed_k_alone_equals_seed_k_in_a_batch():
         np.testing.assert_allclose(batched.curves[key][0], loss, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(batched.curves[key][1], lr, rtol=1e-5, atol=1e-12)
     assert len(batched.curves) == 8 and len(alone.curves) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vmap_cross_entropy_is_f_cross_entropy_under_vmap_bit_for_bit(dtype):
+    """The engine's cross-entropy under vmap (problems.vmap_loss) gives exactly the losses and
+    gradients of F.cross_entropy under vmap (torch's nll_loss decomposition), for batches of any
+    size (a mean over 40 or 71 is not a power of two) and batched or shared targets."""
+    from torch.func import grad_and_value, vmap
+
+    from hdfunc.studies.problems import vmap_loss
+    problem = make_problem("classification", **TINY)
+    fast = vmap_loss(problem.loss_fn)
+    assert fast is not problem.loss_fn
+    assert vmap_loss(make_problem("quadratic", dim=3, n_samples=8).loss_fn).__name__ == \
+        "_half_squared_error"  # other losses as they are
+    g = torch.Generator().manual_seed(0)
+    for runs, batch, classes in [(3, 128, 10), (4, 40, 10), (2, 71, 3), (5, 16, 7), (3, 1, 4)]:
+        w = torch.randn(runs, classes, 9, generator=g, dtype=dtype)
+        x = 3 * torch.randn(runs, batch, 9, generator=g, dtype=dtype)
+        y = torch.randint(0, classes, (runs, batch), generator=g)
+
+        def loss(fn):
+            return lambda w_, x_, y_: fn(x_ @ w_.T, y_)
+
+        for shared in (False, True):  # each run its own minibatch (training), or one for all
+            xs, ys = (x[0], y[0]) if shared else (x, y)
+            in_dims = (0, None, None) if shared else (0, 0, 0)
+            ref_grad, ref_loss = vmap(grad_and_value(loss(F.cross_entropy)), in_dims)(w, xs, ys)
+            new_grad, new_loss = vmap(grad_and_value(loss(fast)), in_dims)(w, xs, ys)
+            assert torch.equal(new_loss, ref_loss) and torch.equal(new_grad, ref_grad)
+            # and run 0's loss is the fused kernel's outside vmap (summed in another order)
+            first = F.cross_entropy(x[0] @ w[0].T, y[0])
+            torch.testing.assert_close(new_loss[0], first, rtol=1e-6, atol=0)
 
 
 def test_minibatch_order_is_a_fresh_permutation_each_epoch():

@@ -8,8 +8,12 @@ import math
 import pytest
 import torch
 
+from torch.func import grad
+
 from verification.derivatives import (FD_VS_FORWARD, FINITE, FORWARD, REVERSE,
-                                      REVERSE_VS_FORWARD, Judge, compare_derivatives, tolerance)
+                                      REVERSE_VS_FORWARD, ROUNDING_FLOOR, TERM_ROUNDINGS, Judge,
+                                      compare_derivatives, gamma, sum_rounding, tolerance,
+                                      unit_roundoff)
 from verification.report import FAIL, PASS
 
 X = torch.linspace(-1.5, 2.0, 7, dtype=torch.float64)
@@ -95,3 +99,52 @@ def test_the_tolerance_tables_and_their_lookup():
         tolerance(torch.float64, "nonsense")
     with pytest.raises(ValueError):
         tolerance(torch.float16, REVERSE)
+
+
+# ----------------------------------------------------------------------------- rounding allowance
+
+# ψ(b) = Σ y_i m̂_i(b) with m = (1 - b) g and m̂ = m/(1 - b) = g for every b (Adam's m̂_1): dψ/db
+# is analytically 0, and autodiff computes it as a cancellation of terms of total size
+# S = Σ |y_i| 2|g_i|/(1 - b), to a few units of rounding of S.
+_GEN = torch.Generator().manual_seed(0)
+G_CANCEL = torch.randn(12, generator=_GEN, dtype=torch.float64)
+Y_CANCEL = torch.randn(12, generator=_GEN, dtype=torch.float64)
+B = torch.tensor(0.9, dtype=torch.float64)
+S_CANCEL = float((Y_CANCEL.abs() * G_CANCEL.abs()).sum() * 2 / (1 - B))
+
+
+def psi(b: torch.Tensor) -> torch.Tensor:
+    return (Y_CANCEL * ((1 - b) * G_CANCEL / (1 - b))).sum()
+
+
+def test_gamma_and_the_sum_rounding_bound():
+    u = 2.0 ** -53
+    assert unit_roundoff(torch.float64) == u and unit_roundoff(torch.float32) == 2.0 ** -24
+    assert gamma(12, torch.float64) == pytest.approx(12 * u / (1 - 12 * u), rel=1e-15)
+    assert sum_rounding(12, 3.0, torch.float64) == 2 * gamma(12 + TERM_ROUNDINGS,
+                                                             torch.float64) * 3.0
+    assert sum_rounding(0, 3.0, torch.float64) == 0.0  # no terms given: no allowance
+
+
+def test_a_cancellation_to_rounding_passes_with_its_allowance_and_a_real_error_fails():
+    """A claim 4 u S off the exact derivative (the rounding of two sums of terms of total size
+    S, where the derivative itself cancels to 0) fails against the floor alone (1e-10 × 1e-6 S
+    is less than one rounding of S) and passes with the allowance of ``terms`` = 12 products;
+    a claim 1e-12 S off is no rounding and fails with it."""
+    exact = grad(psi)(B)
+    assert abs(float(exact)) <= 4 * 2.0 ** -53 * S_CANCEL  # the cancellation, to rounding
+    floor = ROUNDING_FLOOR * S_CANCEL
+    rounded = exact + 4 * 2.0 ** -53 * S_CANCEL
+    methods = (REVERSE, FORWARD)
+    without = compare_derivatives(psi, B, judge(), claimed=rounded, methods=methods, floor=floor)
+    assert verdicts(without) == {REVERSE: FAIL, FORWARD: FAIL}
+    allowed = compare_derivatives(psi, B, judge(), claimed=rounded, methods=methods, floor=floor,
+                                  terms=12)
+    assert verdicts(allowed) == {REVERSE: PASS, FORWARD: PASS}
+    # the reported tolerance is the table's plus the allowance relative to the scale
+    allowance = sum_rounding(12, S_CANCEL, torch.float64)
+    assert allowed[0].tolerance == pytest.approx(tolerance(torch.float64, REVERSE)
+                                                 + allowance / floor, rel=1e-12)
+    wrong = exact + 1e-12 * S_CANCEL
+    assert verdicts(compare_derivatives(psi, B, judge(), claimed=wrong, methods=methods,
+                                        floor=floor, terms=12)) == {REVERSE: FAIL, FORWARD: FAIL}

@@ -66,6 +66,8 @@ class RuleSpec:
         adapts: for a hyperdescent rule, the hyperparameters it adapts.
         unsupported: why the suite cannot verify this rule yet (its checks are then
             INCONCLUSIVE), or empty.
+        scheduled: whether the rule has an ``lr_schedule`` (a factor s(t-1) on its adapted
+            rate; then it is not its base rule at β = 0).
     """
 
     name: str
@@ -82,6 +84,7 @@ class RuleSpec:
     smooth: bool = True  # False: piecewise smooth over several steps (see NONSMOOTH)
     adapts: tuple[str, ...] = ()  # a hyperdescent rule: the hyperparameters it adapts
     unsupported: str = ""  # why the suite cannot verify this rule yet (then INCONCLUSIVE)
+    scheduled: bool = False  # with lr_schedule: u_t = -s(t-1) γ_t d_t
 
     def objective(self, loss: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
         """The function the rule's hypergradient differentiates: the loss plus the rule's
@@ -99,6 +102,14 @@ class RuleSpec:
         return lambda params: loss(params) + 0.5 * l2 * sum((p * p).sum() for p in tree_leaves(params))
 
     def build(self, calibration: Calibration) -> Any:
+        """The rule made with the calibration's α_0 and β (``make`` also gets the calibration).
+
+        Args:
+            calibration: the calibration of this rule on a problem (:func:`calibrate`).
+
+        Returns:
+            The rule, an object with ``init``/``update``.
+        """
         return self.make(calibration.lr, calibration.hypergrad_lr, calibration)
 
 
@@ -199,8 +210,30 @@ def _kappa(mode: str, calibration: Optional[Calibration]) -> float:
     return 0.1 * calibration.hypergrad_lr / calibration.step_scale ** 2
 
 
+# The schedule of the scheduled built-in variants: a cosine decay of the factor from 1 to 0.1
+# over the full run's trajectory (20 steps), so that s(t-2) differs from 1 and from step to step
+# at every step t the checks look at (s(1) = 0.994, s(6) = 0.81, s(18) = 0.11).
+SCHEDULE_STEPS = 20
+
+
+def cosine_schedule(count: torch.Tensor) -> torch.Tensor:
+    """s(c) = 0.1 + 0.45 (1 + cos(π min(c, T)/T)), T = :data:`SCHEDULE_STEPS`: the factor
+    ``lr_schedule`` puts on the adapted rate of step c + 1 (tensor operations only, so that it is
+    traced by vmap and autodiff).
+
+    Args:
+        count: c, the step count (a 0-d float tensor).
+
+    Returns:
+        s(c), a 0-d tensor in [0.1, 1].
+    """
+    return 0.1 + 0.45 * (1 + torch.cos(math.pi * torch.clamp(count, max=SCHEDULE_STEPS)
+                                       / SCHEDULE_STEPS))
+
+
 def builtin_spec(base: str, *, granularity: str = "global", mode: str = "additive",
-                 transition: bool = False, higher_order: bool = False) -> RuleSpec:
+                 transition: bool = False, higher_order: bool = False,
+                 scheduled: bool = False) -> RuleSpec:
     """The spec of a built-in HD rule ``base`` (a key of :data:`BASES`) in one variant.
 
     Args:
@@ -209,6 +242,7 @@ def builtin_spec(base: str, *, granularity: str = "global", mode: str = "additiv
         mode: "additive" or "multiplicative".
         transition: with the transition to α_∞ (``final_lr = α_0/2``).
         higher_order: with the higher-order rule (κ from the calibration).
+        scheduled: with ``lr_schedule=`` :func:`cosine_schedule` (u_t = -s(t-1) γ_t d_t).
 
     Returns:
         The :class:`RuleSpec`.
@@ -226,20 +260,23 @@ def builtin_spec(base: str, *, granularity: str = "global", mode: str = "additiv
             options["final_lr"] = 0.5 * lr
         if higher_order:
             options["hyper_hypergrad_lr"] = _kappa(mode, calibration)
+        if scheduled:
+            options["lr_schedule"] = cosine_schedule
         return maker(lr, beta, calibration.eps_root if calibration else 0.0, **options)
 
     tags = [granularity, mode] + (["transition"] if transition else []) + (
-        ["higher-order"] if higher_order else [])
+        ["higher-order"] if higher_order else []) + (["cosine-schedule"] if scheduled else [])
     return RuleSpec(f"{base}[{','.join(tags)}]", make, family=base, mode=mode,
                     granularity=granularity, higher_order=higher_order, transition=transition,
                     base=twin, torch_optimizer=optimizer, l2=COUPLED_L2.get(base, 0.0),
                     smooth=base not in NONSMOOTH and not (
-                        granularity == "element" and mode == "multiplicative"))
+                        granularity == "element" and mode == "multiplicative"),
+                    scheduled=scheduled)
 
 
 def all_builtin_specs() -> list[RuleSpec]:
     """Every built-in base in every variant: granularity × mode, the transition to α_∞, and
-    the higher-order rule (additive and multiplicative).
+    the higher-order rule (additive and multiplicative); and the :func:`scheduled_specs`.
 
     Returns:
         The :class:`RuleSpec` of every built-in variant.
@@ -254,13 +291,31 @@ def all_builtin_specs() -> list[RuleSpec]:
         specs.append(builtin_spec(base, higher_order=True))
         specs.append(builtin_spec(base, granularity="element", mode="multiplicative",
                                   higher_order=True))
-    return specs
+    return specs + scheduled_specs()
+
+
+def scheduled_specs() -> list[RuleSpec]:
+    """The variants with ``lr_schedule`` (:func:`cosine_schedule`) of the full run: SGD-HD and
+    Adam-HD additive (global, per element), Adam-HD multiplicative per tensor (the schedule in
+    Eq. 8's norm), and with the transition and the higher-order rule.
+
+    Returns:
+        Their :class:`RuleSpec`.
+    """
+    return [
+        builtin_spec("sgd_hd", scheduled=True),
+        builtin_spec("adam_hd", granularity="element", scheduled=True),
+        builtin_spec("adam_hd", granularity="tensor", mode="multiplicative", scheduled=True),
+        builtin_spec("adam_hd", granularity="tensor", mode="multiplicative", transition=True,
+                     scheduled=True),
+        builtin_spec("sgd_hd", higher_order=True, scheduled=True),
+    ]
 
 
 def quick_specs() -> list[RuleSpec]:
     """A representative subset: every base direction family (SGD with and without coupled L2,
     SGDN, Adam, AdamW and the composed RMSprop, Adagrad and Lion), every granularity, both
-    modes, the transition and the higher-order variants.
+    modes, the transition and the higher-order variants, and a scheduled one.
 
     Returns:
         The :class:`RuleSpec` of the quick subset.
@@ -278,7 +333,58 @@ def quick_specs() -> list[RuleSpec]:
         builtin_spec("adam_hd", granularity="tensor", mode="multiplicative", transition=True),
         builtin_spec("sgd_hd", higher_order=True),
         builtin_spec("adam_hd", granularity="element", mode="multiplicative", higher_order=True),
+        builtin_spec("adam_hd", granularity="tensor", mode="multiplicative", scheduled=True),
     ]
+
+
+# ----------------------------------------------------------------------------- hyperdescent rules
+
+# Rules built by hdfunc.hyperdescent that adapt, besides α, a hyperparameter λ in (0, 1) whose
+# one-step derivative grows like 1/(1 - λ) (Adam's β1, through the bias correction m̂ =
+# m/(1 - β1^t)): name -> (the argument holding λ's hypergradient rate, λ's name, λ_0). The
+# built-in momentum rules are in verification.hyperdescent.BUILTIN.
+HYPERDESCENT_RULES = {"adam_hd_lr_beta1": ("beta1_hypergrad_lr", "betas[0]", 0.9)}
+
+
+def hyperdescent_rule_spec(name: str, mode: str = "additive") -> RuleSpec:
+    """The spec of the hyperdescent rule ``name`` (a key of :data:`HYPERDESCENT_RULES`) in
+    ``mode``, checked per adapted hyperparameter (one-step identity and rate law).
+
+    λ's rate is set so that its first step moves it by ~1 % of 1 - λ_0: h_λ ≈ ‖g‖ ‖∂u/∂λ‖ ≈
+    ‖g_1‖‖d_1‖ α_0 / (1 - λ_0), so additive β_λ = 0.01 (1 - λ_0)² / (α_0 ‖g_1‖‖d_1‖) (a rate
+    scaled by λ_0 instead, as for momentum, drives β1 to its bounds within 20 steps on the
+    quadratics, where the finite differences cannot check it); multiplicative: 0.002.
+
+    Args:
+        name: the rule, a key of :data:`HYPERDESCENT_RULES`.
+        mode: ``"additive"`` or ``"multiplicative"``.
+
+    Returns:
+        The :class:`RuleSpec` (``adapts`` = the rule's adapted hyperparameters).
+    """
+    info = hdfunc.rule_info(name)
+    rate_arg, _, start = HYPERDESCENT_RULES[name]
+
+    def make(lr: float, beta: float, calibration: Optional[Calibration]) -> Any:
+        scale = calibration.step_scale if calibration is not None else 1.0
+        extra = 0.0 if beta == 0 else (0.002 if mode == "multiplicative" else
+                                       0.01 * (1 - start) ** 2 / (lr * scale))
+        return info.factory(lr, beta, **{rate_arg: extra}, mode=mode)
+
+    return RuleSpec(f"{name}[{mode}]", make, family=name, mode=mode, adapts=info.adapts)
+
+
+def hyperdescent_rule_specs(quick: bool) -> list[RuleSpec]:
+    """The rules of :data:`HYPERDESCENT_RULES` in both modes (quick: additive only).
+
+    Args:
+        quick: the quick run's subset.
+
+    Returns:
+        Their :class:`RuleSpec`.
+    """
+    return [hyperdescent_rule_spec(name, mode) for name in HYPERDESCENT_RULES
+            for mode in (("additive",) if quick else MODES)]
 
 
 # ----------------------------------------------------------------------------- user rules
@@ -304,7 +410,7 @@ def user_spec(factory: Callable[[float, float], Any], name: Optional[str] = None
     if not callable(factory):
         raise TypeError(f"a rule factory must be callable, got {type(factory).__name__}")
     name = name or getattr(factory, "__name__", "user_rule")
-    hyper, adapts, unsupported = False, (), ""
+    hyper, adapts, scheduled = False, (), False
     try:  # one probe of the rule and its state
         from verification.hyperdescent import hyperdescent_node
         probe = factory(1e-3, 1e-3)
@@ -315,17 +421,14 @@ def user_spec(factory: Callable[[float, float], Any], name: Optional[str] = None
         # a rule built by hdfunc.hyperdescent is checked per adapted hyperparameter
         found = hyperdescent_node(state)
         adapts = () if found is None else tuple(found.hyperparams)
-        if getattr(getattr(probe, "rate_law", None), "lr_schedule", None) is not None:
-            unsupported = ("a rule with lr_schedule (a factor s(t-1) on the adapted rate) is not "
-                           "verified yet: the checks take the applied rate to be the adapted "
-                           "one; verify the rule without its schedule")
+        scheduled = getattr(getattr(probe, "rate_law", None), "lr_schedule", None) is not None
     except Exception:  # noqa: BLE001 - the checks themselves report a broken factory
         pass
     smooth = getattr(factory, "smooth", True)
     if not isinstance(smooth, bool):
         raise TypeError(f"{name}.smooth must be True or False, got {smooth!r}")
     return RuleSpec(name, lambda lr, beta, calibration: factory(lr, beta), family="user",
-                    higher_order=hyper, smooth=smooth, adapts=adapts, unsupported=unsupported)
+                    higher_order=hyper, smooth=smooth, adapts=adapts, scheduled=scheduled)
 
 
 def load_factory(target: str) -> Callable[[float, float], Any]:

@@ -23,7 +23,7 @@ import torch
 from torch.func import grad, hessian, jvp, vmap
 
 import hdfunc
-from hdfunc.tree import PyTree, tree_flatten, tree_leaves, tree_map
+from hdfunc.tree import PyTree, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from verification.catalog import Calibration, RuleSpec, calibrate
 from verification.conditioning import (CONDITIONING_SAFETY, ILL_CONDITIONED, Noise,
@@ -36,7 +36,7 @@ from verification.derivatives import (  # noqa: F401 - re-exported
 from verification.equivalences import (  # noqa: F401 - check 6, re-exported
     BETA_ZERO, TORCH_OPTIM, VMAP, check_beta_zero, check_torch_optim, check_vmap)
 from verification.findings import greedy_vs_exact  # noqa: F401 - re-exported
-from verification.oracle import HINT, ORACLE, TRAJECTORY, WHAT, run_oracle
+from verification.oracle import HINT, ORACLE, TRAJECTORY, WHAT, run_oracle, unscheduled
 from verification.problems import Problem, flatten_params, perturbed_params
 from verification.report import Outcome, judged
 from verification.trajectories import (  # noqa: F401 - re-exported
@@ -79,10 +79,12 @@ class Case:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the problem's params."""
         return self.problem.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the problem's params (that of their first leaf)."""
         return tree_leaves(self.problem.params)[0].device
 
     @property
@@ -105,6 +107,11 @@ class Case:
         return size
 
     def label(self) -> tuple[str, str, str]:
+        """The case as the report names it.
+
+        Returns:
+            (rule name, problem name, dtype name).
+        """
         return self.spec.name, self.problem.name, dtype_name(self.dtype)
 
     def judge(self, check: str, where: str, what: str = "") -> Judge:
@@ -142,10 +149,30 @@ def _multi_step_methods(case: Case) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- 1. one step
 
 
+def schedule_of(rule: Any) -> Any:
+    """The ``lr_schedule`` a rule declares in its ``rate_law`` (None: no schedule)."""
+    return getattr(getattr(rule, "rate_law", None), "lr_schedule", None)
+
+
+def adapted_rate(rule: Any, state: Any, t: int) -> PyTree:
+    """γ_t, the rate HD adapts, of the step t that led to ``state``: the rate it reports it
+    applied (``applied_lr``), divided by the factor s(t-1) of a declared ``lr_schedule``
+    (u_t = -s(t-1) γ_t d_t; the rule's frozen step applies s(t-1) × the rate it is given, so
+    this is the point at which it repeats step t). Works on batched (vmapped) states too."""
+    applied = hdfunc.get_applied_lr(state)
+    schedule = schedule_of(rule)
+    if schedule is None:
+        return applied
+    leaves, spec = tree_flatten(applied)
+    lr = tree_leaves(hdfunc.find_lr_state(state).lr)
+    return tree_unflatten(unscheduled(schedule, t, leaves, lr), spec)
+
+
 def one_step_function(case: Case, t: int) -> tuple[Callable[[PyTree], torch.Tensor], PyTree,
                                                       PyTree]:
-    """f(α) = loss(θ_{t-2} + u_{t-1}(α)) with the past frozen, α_{t-1}'s applied value γ_{t-1},
-    and the analytic h_t the rule used at step t."""
+    """f(α) = loss(θ_{t-2} + u_{t-1}(α)) with the past frozen, the rate γ_{t-1} step t-1
+    applied (÷ s(t-2) under ``lr_schedule``: the rate HD adapts, of which h_t is the
+    derivative), and the analytic h_t the rule used at step t."""
     if not 2 <= t < len(case.hist):
         raise ValueError(f"step t={t} is outside 2..{len(case.hist) - 1}")
     params, state = case.hist[t - 2]
@@ -155,7 +182,7 @@ def one_step_function(case: Case, t: int) -> tuple[Callable[[PyTree], torch.Tens
     def f(rate: PyTree) -> torch.Tensor:
         return loss(step_with(rule, g, hdfunc.freeze_lr(state, rate), params)[0])
 
-    rate = hdfunc.get_applied_lr(case.hist[t - 1][1])
+    rate = adapted_rate(rule, case.hist[t - 1][1], t - 1)
     analytic = node_of(case.hist[t][1], case.spec.name).hypergrad
     return f, rate, analytic
 
@@ -218,7 +245,7 @@ def check_one_step_vmapped(spec: RuleSpec, problem: Problem, states: Sequence[in
     what = "the rule's h_t and the exact d/dalpha f(theta_{t-2}+u_{t-1}(alpha))"
     out = []
     for t in states:
-        rate = hdfunc.get_applied_lr(hist[t - 1][1])
+        rate = adapted_rate(rule, hist[t - 1][1], t - 1)
         analytic = node_of(hist[t][1], spec.name).hypergrad
         params, state = hist[t - 2]
         exact = vmap(exact_reverse)(params, state, rate)

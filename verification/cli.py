@@ -12,6 +12,14 @@ PROBLEM_NAMES = ("quadratic", "logistic", "mlp", "rosenbrock", "tiny_quadratic",
 
 
 def parser(prog: str = "python -m verification") -> argparse.ArgumentParser:
+    """The argument parser of the suite's command line (built without importing torch).
+
+    Args:
+        prog: the program name its ``--help`` shows.
+
+    Returns:
+        The parser.
+    """
     p = argparse.ArgumentParser(
         prog=prog,
         description="Check every hypergradient hdfunc uses against the exact derivative computed "
@@ -47,6 +55,21 @@ def parser(prog: str = "python -m verification") -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None, prog: str = "python -m verification") -> int:
+    """Run the suite from the command line: print the table, the summary by check, the
+    findings and the diagnoses, list failures and inconclusive checks on stderr, and write the
+    JSON / Markdown reports asked for.
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+        prog: the program name shown in ``--help``, messages and the report.
+
+    Returns:
+        The exit status: the report's (0 all passed, 1 a comparison failed, 3 some were
+        inconclusive, 130 interrupted), or 2 for an unavailable device or a bad rule or option.
+
+    Raises:
+        SystemExit: from argparse, on ``--help`` or bad arguments.
+    """
     args = parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
     import torch
 

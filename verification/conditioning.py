@@ -38,6 +38,11 @@ class Noise:
     seed: int
 
     def generator(self) -> torch.Generator:
+        """A fresh CPU generator seeded with ``seed``: every call restarts the same draws.
+
+        Returns:
+            The generator.
+        """
         return torch.Generator().manual_seed(self.seed)
 
 
@@ -48,6 +53,16 @@ def perturb(params: PyTree, noise: Noise, gen: torch.Generator) -> PyTree:
 
 
 def rounding_noises(dtype: torch.dtype, seeds: int = 2) -> list[Noise]:
+    """Rounding-sized noises: :data:`ROUNDING_NOISE` machine epsilons of ``dtype``
+    (relative), with fixed seeds.
+
+    Args:
+        dtype: the dtype whose machine epsilon sets the size.
+        seeds: how many noises (seeds 7919, 7920, ...).
+
+    Returns:
+        The :class:`Noise` of each seed.
+    """
     size = ROUNDING_NOISE * torch.finfo(dtype).eps
     return [Noise(size, 7919 + seed) for seed in range(seeds)]
 

@@ -75,6 +75,52 @@ FD_ALLOWANCE_CAP = 1e-4
 ROUNDING_FLOOR = 1e-6
 
 
+# The roundings that form one term of a hypergradient's sum (:func:`sum_rounding`): the chain
+# rule's products and quotients (Adam: α, the bias correction, √v̂ + ε, g) and their sum.
+TERM_ROUNDINGS = 8
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u, the unit roundoff of ``dtype`` (half its machine epsilon: 2^-53 for float64)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def gamma(n: int, dtype: torch.dtype) -> float:
+    """γ_n = n u / (1 - n u), the bound of n roundings (Higham, *Accuracy and Stability of
+    Numerical Algorithms*, 2nd ed., Lemma 3.1)."""
+    nu = max(int(n), 0) * unit_roundoff(dtype)
+    return nu / (1 - nu) if nu < 1 else math.inf
+
+
+def sum_rounding(terms: int, size: float, dtype: torch.dtype) -> float:
+    """The absolute rounding allowance of a comparison of two derivatives that are each a sum
+    of ``terms`` products whose absolute values add up to at most ``size``:
+    2 γ_{terms+k} × ``size`` with k = :data:`TERM_ROUNDINGS`.
+
+    Derivation. A hypergradient is a dot product h = Σ_{i=1}^n g_i d_i (g = ∇f, d = ∂u/∂λ), and
+    the exact reference computes the same sum in another order (reverse mode). Computed in
+    floating point, |fl(Σ g_i d_i) - Σ g_i d_i| ≤ γ_n Σ|g_i d_i| (Higham, Eq. 3.5); an entry d_i
+    that is itself a sum of terms c_ik carries γ_k Σ_k |c_ik| of its own, so with
+    S = Σ_i |g_i| Σ_k |c_ik| (the size of everything summed) each value is within
+    γ_{n+k} S of the exact sum, and the two within 2 γ_{n+k} S (k: the roundings that form
+    one term, the chain rule's products and quotients and the sum of its terms). Where h is a cancellation (analytically 0: Adam's h_β1 at t = 2,
+    whose two terms of ∂m̂_1/∂β1, (m_0 - g_1)/(1 - β1) and m_1/(1 - β1)², are ~|g_1|/(1 - β1)
+    and cancel exactly), the difference of the two computations is this rounding and nothing
+    else. ``size`` is the caller's natural scale of the terms (its ``floor`` / ROUNDING_FLOOR).
+
+    Args:
+        terms: n, the number of products summed (the number of parameters); 0: no allowance.
+        size: S, the sum of the terms' absolute values (or a bound on it).
+        dtype: the dtype the sums are computed in.
+
+    Returns:
+        The absolute allowance (0 when ``terms`` or ``size`` is 0).
+    """
+    if terms <= 0 or not size > 0:
+        return 0.0
+    return 2 * gamma(terms + TERM_ROUNDINGS, dtype) * size
+
+
 def tolerance(dtype: torch.dtype, key: str) -> float:
     """The relative tolerance for ``key`` (a method, an agreement or an equivalence) at
     ``dtype``."""
@@ -88,6 +134,14 @@ def tolerance(dtype: torch.dtype, key: str) -> float:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """The name of ``dtype`` without ``torch.``, e.g. ``"float64"``.
+
+    Args:
+        dtype: the dtype.
+
+    Returns:
+        Its name.
+    """
     return str(dtype).replace("torch.", "")
 
 
@@ -107,6 +161,8 @@ class FiniteDifference:
 
     @property
     def uncertainty(self) -> float:
+        """How far off the estimate may be: 10 × ``error`` or ``rounding``, whichever is
+        larger (inf when ``error`` is not finite)."""
         return max(10 * self.error, self.rounding) if math.isfinite(self.error) else math.inf
 
 
@@ -172,14 +228,16 @@ class Judge:
     what: str = ""
 
     def outcome(self, method: str, abs_err: float, scale: float, tol: float,
-                fd: Optional[FiniteDifference] = None, what: Optional[str] = None) -> Outcome:
+                fd: Optional[FiniteDifference] = None, what: Optional[str] = None,
+                rounding: float = 0.0) -> Outcome:
         """``fd``: the finite difference compared. Its rounding floor (10 ε max|f| / step: below
         it no finite difference resolves a derivative) and its error estimate (×10, at most
-        ``FD_ALLOWANCE_CAP`` × scale) are forgiven."""
-        where, allowance, reason = self.where, 0.0, ""
+        ``FD_ALLOWANCE_CAP`` × scale) are forgiven. ``rounding``: an absolute error that the
+        rounding of the two sums compared explains (:func:`sum_rounding`), forgiven too."""
+        where, allowance, reason = self.where, rounding, ""
         if fd is not None:
             estimate = 10 * fd.error if math.isfinite(fd.error) else 0.0
-            allowance = max(min(estimate, FD_ALLOWANCE_CAP * scale), fd.rounding)
+            allowance = max(min(estimate, FD_ALLOWANCE_CAP * scale), fd.rounding, rounding)
             where = where + f", fd uncertainty {fd.uncertainty:.1e}"
             if not fd.uncertainty <= FD_ALLOWANCE_CAP * scale:
                 reason = (f"the finite difference cannot resolve this derivative: its own "
@@ -204,8 +262,8 @@ def compare_derivatives(phi: Callable[[PyTree], torch.Tensor], at: PyTree, judge
                         claimed: PyTree = None, tangents: Optional[Sequence[PyTree]] = None,
                         methods: Sequence[str] = (REVERSE, FORWARD, FINITE), floor: float = 0.0,
                         fd_step: float = 0.5, reverse: PyTree = None,
-                        forward: Optional[torch.Tensor] = None, conditioned: float = 0.0
-                        ) -> list[Outcome]:
+                        forward: Optional[torch.Tensor] = None, conditioned: float = 0.0,
+                        terms: int = 0) -> list[Outcome]:
     """Judge dφ(``at``) by ``methods`` (finite differences in float64 only).
 
     With ``claimed``: the claim against reverse mode (leaf-wise), forward mode (along each
@@ -218,9 +276,16 @@ def compare_derivatives(phi: Callable[[PyTree], torch.Tensor], at: PyTree, judge
     along the first tangent, or the whole derivative). The scale of each comparison (the larger
     of the values compared, or for a claim along a tangent Σ|claim⊙w|) is formed exactly as the
     checks formed it before they shared this comparator, so that reported numbers did not
-    change."""
+    change.
+
+    ``terms``: with a claim, the number n of products the derivative sums (the length of the
+    dot product g·∂u/∂λ: the number of parameters). The comparison then forgives the rounding
+    of two such sums, :func:`sum_rounding` (2 γ_{n+2} S) with S = ``floor`` / ROUNDING_FLOOR
+    (× max|tangent| along a tangent), the natural size of the terms that the floor is a
+    fraction of: where the derivative is analytically 0, a cancellation of terms of size S,
+    the floor alone leaves less than one rounding of them (1e-10 × 1e-6 S < u S)."""
     if claimed is not None:
-        return _against_claim(phi, at, judge, claimed, tangents, methods, floor, fd_step)
+        return _against_claim(phi, at, judge, claimed, tangents, methods, floor, fd_step, terms)
     return _against_forward(phi, at, judge, tangents, methods, floor, fd_step, reverse, forward,
                             conditioned)
 
@@ -241,26 +306,29 @@ def _relative_size(at: torch.Tensor) -> tuple[float, torch.Tensor]:
 
 def _against_claim(phi: Callable, at: PyTree, judge: Judge, claimed: PyTree,
                    tangents: Optional[Sequence[PyTree]], methods: Sequence[str], floor: float,
-                   step: float) -> list[Outcome]:
+                   step: float, terms: int = 0) -> list[Outcome]:
     dtype, out = judge.dtype, []
     device = _device(at)
+    # the rounding of the two sums compared, on the natural size of their terms
+    rounding = sum_rounding(terms, floor / ROUNDING_FLOOR, dtype)
     if REVERSE in methods:
         exact = grad(phi)(at)
         # a 0-d argument: the difference in its own dtype; a tree: leaf-wise in float64
         err = abs(float(claimed - exact)) if tangents is None else tree_max_diff(claimed, exact)
         out.append(judge.outcome(REVERSE, err, max(tree_max_abs(exact), floor),
-                                 tolerance(dtype, REVERSE)))
+                                 tolerance(dtype, REVERSE), rounding=rounding))
     if tangents is None:  # a 0-d argument: the whole derivative by forward mode
         if FORWARD in methods:
             _, exact = jvp(phi, (at,), (torch.ones_like(at),))
             out.append(judge.outcome(FORWARD, abs(float(claimed - exact)),
-                                     max(abs(float(exact)), floor), tolerance(dtype, FORWARD)))
+                                     max(abs(float(exact)), floor), tolerance(dtype, FORWARD),
+                                     rounding=rounding))
         if FINITE in methods and dtype == torch.float64:
             size, w = _relative_size(at)
             fd = _fd_along(phi, at, w, step, device)
             out.append(judge.outcome(FINITE, abs(size * float(claimed) - fd.value),
                                      max(abs(fd.value), size * abs(float(claimed)), size * floor),
-                                     tolerance(dtype, FINITE), fd))
+                                     tolerance(dtype, FINITE), fd, rounding=size * rounding))
         return out
     along = judge.what + " along a tangent"
     if FORWARD in methods:
@@ -269,14 +337,15 @@ def _against_claim(phi: Callable, at: PyTree, judge: Judge, claimed: PyTree,
             value = tree_dot(claimed, w)
             scale = max(tree_abs_dot(claimed, w), abs(float(exact_dir)), floor * tree_max_abs(w))
             out.append(judge.outcome(FORWARD, abs(float(value - exact_dir)), scale,
-                                     tolerance(dtype, FORWARD), what=along))
+                                     tolerance(dtype, FORWARD), what=along,
+                                     rounding=rounding * tree_max_abs(w)))
     if FINITE in methods and dtype == torch.float64:
         w = tangents[0]
         fd = _fd_along(phi, at, w, step, device)
         value = float(tree_dot(claimed, w))
         scale = max(tree_abs_dot(claimed, w), abs(fd.value), floor * tree_max_abs(w))
         out.append(judge.outcome(FINITE, abs(value - fd.value), scale, tolerance(dtype, FINITE),
-                                 fd, what=along))
+                                 fd, what=along, rounding=rounding * tree_max_abs(w)))
     return out
 
 

@@ -50,6 +50,15 @@ class HeavyBallHD(NamedTuple):
     momentum: float = 0.9
 
     def init(self, params: PyTree) -> HeavyBallHDState:
+        """The state before the first step: α_0 and β as 0-d tensors (dtype and device of the
+        first leaf of ``params``), h_0 = 0 and zero velocity.
+
+        Args:
+            params: the initial params.
+
+        Returns:
+            The :class:`HeavyBallHDState`.
+        """
         leaf = first_leaf(params)
         # α and β live in the state (0-d tensors), never read from self in update: the
         # verification suite replaces them there (hdfunc.freeze_lr / freeze_hypergrad_lr).
@@ -60,6 +69,17 @@ class HeavyBallHD(NamedTuple):
 
     def update(self, grads: PyTree, state: HeavyBallHDState, params: PyTree
                ) -> tuple[PyTree, HeavyBallHDState]:
+        """One step: h_t = -g_t · d_{t-1}, α_t = α_{t-1} - β h_t, v_t = μ v_{t-1} + g_t and
+        u_t = -α_t v_t (α and β are read from ``state``).
+
+        Args:
+            grads: g_t.
+            state: the state after step t-1.
+            params: θ_{t-1} (unused).
+
+        Returns:
+            The updates u_t and the new state.
+        """
         # h_t = -g_t · d_{t-1}  (d_0 = 0, so h_1 = 0)
         hypergrad = -sum((g * d).sum() for g, d in zip(tree_leaves(grads),
                                                          tree_leaves(state.velocity)))
@@ -78,6 +98,12 @@ def heavy_ball_hd(lr: float, hypergrad_lr: float) -> HeavyBallHD:
 
 
 class AdagradMomentumState(NamedTuple):
+    """The state of :func:`scale_by_adagrad_momentum`.
+
+    Attributes:
+        sum_sq: s_{t-1}, the running sum of squared gradients.
+        momentum: m_{t-1}, which is also the last direction d_{t-1}.
+    """
     sum_sq: PyTree  # s_{t-1}
     momentum: PyTree  # m_{t-1} = d_{t-1}
 

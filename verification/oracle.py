@@ -16,6 +16,13 @@ Baydin et al. 2018, §2 Eqs. 2-4 and 7-8, §5.1, §5.2), computed by autodiff:
     γ_t      = δ(t) α_t + (1 - δ(t)) α_∞                                 (transition, §5.1)
     θ_t      = θ_{t-1} + u_t(γ_t)
 
+With a schedule (``lr_schedule`` in the declared law, an extension: docs/algorithms.md) the step
+at rate γ is u_t(γ) = -s(t-1) γ d_t, and the rule's frozen step applies exactly that (its
+``freeze_lr`` sets the rate the schedule multiplies). The definition is unchanged, with γ the
+rate HD adapts: h_t = d/dγ f(θ_{t-2} + u_{t-1}(γ)) = -s(t-2) g_t · d_{t-1}, and
+‖∇_γ u_{t-1}‖ = s(t-2) ‖d_{t-1}‖ in Eq. 8, both by autodiff through the rule's step; the rate
+the step applies, which the rule reports as ``applied_lr``, is s(t-1) γ_t.
+
 Two comparisons, both in :func:`check_oracle`:
 
 - **step by step**: at every step t, each part is recomputed from the rule's own state after
@@ -38,7 +45,8 @@ import torch
 from torch.func import grad, jvp
 
 import hdfunc
-from hdfunc.options import HDOptions
+from hdfunc.hypergradient import schedule_value
+from hdfunc.options import HDOptions, Schedule
 from hdfunc.tree import PyTree, tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from verification.conditioning import (CONDITIONING_SAFETY, ILL_CONDITIONED, perturb,
@@ -67,7 +75,8 @@ WHAT = {
     LAW: "the rule's alpha_t and the declared rate law applied to its own alpha_{t-1}, "
          "beta_t and h_t",
     APPLIED: "the rate the rule reports its step t applied (applied_lr, else lr) and the one "
-             "the definition applies (alpha_t, or delta(t) alpha_t + (1 - delta(t)) alpha_inf)",
+             "the definition applies (alpha_t, or delta(t) alpha_t + (1 - delta(t)) alpha_inf; "
+             "times s(t-1) under lr_schedule)",
     STEP: "the rule's theta_t and its own step from theta_{t-1} with the rate it reports it "
           "applied (its update with beta frozen to 0)",
     TRAJECTORY: "the rule's trajectory (theta_t, alpha_t, gamma_t, beta_t) and the oracle's, "
@@ -83,7 +92,8 @@ HINT = {
     LAW: "alpha_t does not follow the declared rate law (sign, scale, normalisation, bounds): "
          "declare the law the rule implements as its rate_law (docs/writing-a-rule.md)",
     APPLIED: "step t applied another rate than the definition's gamma_t (alpha_t itself "
-             "without a transition): a rate of the wrong step?",
+             "without a transition; s(t-1) gamma_t under lr_schedule): a rate of the wrong step, "
+             "or a schedule factor of the wrong step (or applied twice)?",
     STEP: "the parameters did not move by the rule's own step with the rate it reports: the "
           "step used another rate (alpha_{t-1}, or alpha updated after the step?) or the "
           "reported applied_lr is not the one applied",
@@ -193,6 +203,64 @@ def applied_rate(law: HDOptions, t: int, lr: list, final_lr: list) -> list:
     return [delta * a + (1 - delta) * f for a, f in zip(lr, final_lr)]
 
 
+def schedule_factor(schedule: Optional[Schedule], count: int, like: torch.Tensor) -> Any:
+    """s(count), the factor ``lr_schedule`` puts on the rate of step count + 1
+    (u_t = -s(t-1) γ_t d_t), computed as the rules compute it; 1.0 without a schedule.
+
+    Args:
+        schedule: the declared ``lr_schedule``, or None.
+        count: the step count c >= 0 (t - 1 for step t).
+        like: a rate tensor whose dtype and device s takes.
+
+    Returns:
+        s(count) as a 0-d tensor, or 1.0.
+    """
+    if schedule is None:
+        return 1.0
+    count_tensor = torch.tensor(max(int(count), 0), dtype=torch.int64, device=like.device)
+    return schedule_value(schedule, count_tensor, like)
+
+
+def scheduled(schedule: Optional[Schedule], t: int, rates: list) -> list:
+    """s(t-1) γ_t: the rate step t applies (what a rule reports as ``applied_lr``), from γ_t.
+
+    Args:
+        schedule: the declared ``lr_schedule``, or None.
+        t: the step.
+        rates: γ_t, as rate leaves.
+
+    Returns:
+        The applied rate's leaves (``rates`` itself without a schedule).
+    """
+    if schedule is None:
+        return list(rates)
+    factor = schedule_factor(schedule, t - 1, rates[0])
+    return [factor.to(r.dtype) * r for r in rates]
+
+
+def unscheduled(schedule: Optional[Schedule], t: int, applied: list, fallback: list) -> list:
+    """γ_t from the rate step t applied, s(t-1) γ_t: the rate at which the rule's frozen step
+    (:func:`hdfunc.freeze_lr`) repeats step t. Where s(t-1) = 0 every rate gives the same
+    (null) step, and ``fallback`` is returned.
+
+    Args:
+        schedule: the declared ``lr_schedule``, or None.
+        t: the step.
+        applied: s(t-1) γ_t, as rate leaves.
+        fallback: the rate leaves to use where s(t-1) = 0 (the adapted α_t, say).
+
+    Returns:
+        γ_t's leaves (``applied`` itself without a schedule).
+    """
+    if schedule is None:
+        return list(applied)
+    factor = schedule_factor(schedule, t - 1, applied[0])
+    nonzero = factor != 0
+    divisor = torch.where(nonzero, factor, torch.ones_like(factor))
+    return [torch.where(nonzero, a / divisor.to(a.dtype), f.to(a.dtype))
+            for a, f in zip(applied, fallback)]
+
+
 def transition_slope(law: HDOptions, t: int, like: torch.Tensor) -> Any:
     """∂γ_t/∂α_t."""
     if not law.has_final_lr:
@@ -212,7 +280,7 @@ class Past:
     params: PyTree
     state: Any
     grads: PyTree  # ∇loss(θ_{t-2}), as fed to the rule
-    applied: PyTree  # γ_{t-1}, with the rate structure
+    applied: PyTree  # γ_{t-1}, with the rate structure (the step applied s(t-2) γ_{t-1})
     lr_before: list  # α_{t-2}
     beta: torch.Tensor  # β_{t-1}
     hypergrad: list  # h_{t-1}
@@ -239,6 +307,14 @@ class OracleProblem:
         return hdfunc.apply_updates(params, updates), new_state
 
     def rates(self, leaves: list) -> PyTree:
+        """Rate leaves in the structure of the rule's rates.
+
+        Args:
+            leaves: the rate leaves.
+
+        Returns:
+            The single leaf for a global rate, else the leaves unflattened with ``rate_spec``.
+        """
         return leaves[0] if self.law.lr_granularity == "global" else tree_unflatten(
             leaves, self.rate_spec)
 
@@ -290,6 +366,15 @@ class PartRecord:
     compared: int = 0
 
     def add(self, t: int, abs_err: float, scale: float) -> None:
+        """Record the error of step ``t``: ``t`` becomes the first failure if its relative
+        error exceeds the tolerance and none failed before, and the worst if it is at least as
+        large as the worst so far (or not finite).
+
+        Args:
+            t: the step.
+            abs_err: the absolute error.
+            scale: the scale the error is relative to.
+        """
         self.compared += 1
         rel = _relative(abs_err, scale)
         if rel > self.tolerance and self.first_failure is None:
@@ -307,10 +392,28 @@ def _relative(abs_err: float, scale: float) -> float:
 
 
 def max_abs(leaves: list) -> float:
+    """The largest absolute entry of ``leaves`` (in float64; empty leaves are skipped).
+
+    Args:
+        leaves: tensors.
+
+    Returns:
+        max |x|, or 0.0 when there are no entries.
+    """
     return max((float(x.detach().double().abs().max()) for x in leaves if x.numel()), default=0.0)
 
 
 def max_diff(a: list, b: list) -> float:
+    """The largest entrywise absolute difference of two lists of leaves (in float64).
+
+    Args:
+        a: tensors.
+        b: tensors of the same shapes as ``a``'s.
+
+    Returns:
+        max |a - b| over the pairs of nonempty leaves (0.0 when there are none), or inf when
+        the lists differ in length.
+    """
     if len(a) != len(b):
         return math.inf
     diffs = [float((x.detach().double() - y.detach().double()).abs().max())
@@ -320,12 +423,22 @@ def max_diff(a: list, b: list) -> float:
 
 @dataclass
 class OracleResult:
+    """The oracle's comparisons over one trajectory.
+
+    Attributes:
+        parts: a :class:`PartRecord` per part compared.
+        steps: the steps of the trajectory.
+        trajectory_sensitivity: the rounding sensitivity of the rule's own trajectory.
+        dtype: the dtype of the params.
+    """
     parts: dict = field(default_factory=dict)  # part -> PartRecord
     steps: int = 0
     trajectory_sensitivity: float = 0.0  # rounding sensitivity of the rule's own trajectory
 
     @property
     def ill_conditioned(self) -> bool:
+        """Whether the trajectory's rounding sensitivity exceeds :data:`ILL_CONDITIONED` for
+        ``dtype``: then a comparison cannot tell a wrong value from rounding."""
         return self.trajectory_sensitivity > ILL_CONDITIONED[self.dtype]
 
     dtype: torch.dtype = torch.float64
@@ -407,12 +520,16 @@ def run_oracle(rule: Any, loss: Callable, objective: Callable, hist: list,
         records[LAW].add(t, max_diff(lr_rule, lr_law), max(max_abs(lr_law), max_abs(lr_leaves)))
         gamma_law = applied_rate(law, t, lr_rule, _final_of(node))
         gamma_rule = tree_leaves(_applied_of(node_t))
-        records[APPLIED].add(t, max_diff(gamma_rule, gamma_law), max_abs(gamma_law))
-        moved, _ = pb.step(feed, state, params, _applied_of(node_t))
+        applied_law = scheduled(law.lr_schedule, t, gamma_law)  # s(t-1) γ_t
+        records[APPLIED].add(t, max_diff(gamma_rule, applied_law), max_abs(applied_law))
+        # the rate the rule's frozen step repeats step t at: the one it reports (÷ s(t-1))
+        point = (_applied_of(node_t) if law.lr_schedule is None else
+                 pb.rates(unscheduled(law.lr_schedule, t, gamma_rule, gamma_law)))
+        moved, _ = pb.step(feed, state, params, point)
         step_size = max_diff(tree_leaves(params_t), tree_leaves(params))
         records[STEP].add(t, max_diff(tree_leaves(params_t), tree_leaves(moved)),
                           max(step_size, max_diff(tree_leaves(moved), tree_leaves(params))))
-        past = Past(t, params, state, feed, _applied_of(node_t), lr_leaves, beta_rule, h_rule,
+        past = Past(t, params, state, feed, point, lr_leaves, beta_rule, h_rule,
                     grad_sq, direction_sq, _final_of(node))
 
     # ---- from θ_0, on the oracle's own states
@@ -462,7 +579,8 @@ def trajectory_sensitivity(rule: Any, loss: Callable, hist: list) -> float:
 
 
 def free_run(pb: OracleProblem, params: PyTree, state: Any, steps: int) -> list:
-    """The oracle's own trajectory: ``out[t] = (θ_t, α_t, γ_t, β_t)`` (rates as leaf lists)."""
+    """The oracle's own trajectory: ``out[t] = (θ_t, α_t, γ_t, β_t)`` (rates as leaf lists; γ_t
+    as applied, s(t-1) γ_t under a schedule)."""
     law = pb.law
     node = _node(state)
     lr, beta = tree_leaves(node.lr), node.hypergrad_lr
@@ -489,5 +607,5 @@ def free_run(pb: OracleProblem, params: PyTree, state: Any, steps: int) -> list:
         past = Past(t, params, state, feed, pb.rates(gamma), lr, beta, h, grad_sq, direction_sq,
                     final)
         params, state, lr = new_params, new_state, new_lr
-        out.append((params, lr, gamma, beta))
+        out.append((params, lr, scheduled(law.lr_schedule, t, gamma), beta))
     return out

@@ -59,6 +59,7 @@ class Problem:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the params (that of their first leaf)."""
         return tree_flatten(self.params)[0][0].dtype
 
 

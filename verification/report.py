@@ -57,10 +57,12 @@ class Outcome:
 
     @property
     def failed(self) -> bool:
+        """Whether the comparison FAILED or could not run (ERROR)."""
         return self.verdict in (FAIL, ERROR)
 
     @property
     def inconclusive(self) -> bool:
+        """Whether the comparison could not decide (INCONCLUSIVE)."""
         return self.verdict == INCONCLUSIVE
 
 
@@ -108,6 +110,20 @@ def judged(check: str, method: str, rule: str, problem: str, dtype: str, abs_err
 
 def errored(check: str, rule: str, problem: str, dtype: str, where: str,
             error: BaseException) -> Outcome:
+    """An ERROR outcome: ``check`` could not run for ``rule`` on ``problem`` because it raised
+    ``error`` (a rule that raises, a state without an HD node, a trajectory that diverged).
+
+    Args:
+        check: the check's name.
+        rule: the rule's name.
+        problem: the problem's name.
+        dtype: the dtype's name.
+        where: where it was to compare (seed, step t, K ...).
+        error: the exception the check raised.
+
+    Returns:
+        The :class:`Outcome` (verdict ERROR, errors inf), its message naming the error.
+    """
     text = f"{type(error).__name__}: {error}".strip()
     return Outcome(check, "-", rule, problem, dtype, math.inf, math.inf, 0.0, ERROR, where,
                    f"{check} could not run for rule {rule} on problem {problem} ({dtype}, "
@@ -141,6 +157,15 @@ class Finding:
 
 @dataclass
 class Report:
+    """What a run of the suite found: every comparison, the findings, and the run's settings.
+
+    Attributes:
+        outcomes: every comparison, in the order the checks ran.
+        findings: the greedy-vs-exact findings (not tests).
+        meta: the run's settings and environment (mode, device, dtype, versions, seconds).
+        interrupted: whether the run was stopped early (Ctrl-C).
+    """
+
     outcomes: list[Outcome] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
@@ -149,14 +174,30 @@ class Report:
     # ------------------------------------------------------------------ summary
     @property
     def failures(self) -> list[Outcome]:
+        """The outcomes that FAILED or could not run (ERROR).
+
+        Returns:
+            Those outcomes, in the order they ran.
+        """
         return [o for o in self.outcomes if o.failed]
 
     @property
     def inconclusives(self) -> list[Outcome]:
+        """The outcomes that could not decide (INCONCLUSIVE).
+
+        Returns:
+            Those outcomes, in the order they ran.
+        """
         return [o for o in self.outcomes if o.inconclusive]
 
     @property
     def passed(self) -> bool:
+        """Whether the verdict is PASSED: some comparisons ran, and none failed, errored or was
+        inconclusive, and the run was not interrupted.
+
+        Returns:
+            True only for PASSED.
+        """
         return (bool(self.outcomes) and not self.failures and not self.inconclusives
                 and not self.interrupted)
 
@@ -172,6 +213,12 @@ class Report:
 
     @property
     def exit_status(self) -> int:
+        """The command line's exit status for the verdict: 0 PASSED, 1 FAILED, 3 INCONCLUSIVE,
+        130 INTERRUPTED.
+
+        Returns:
+            The exit status.
+        """
         return EXIT_STATUS[self.verdict]
 
     def diagnoses(self) -> list[str]:
@@ -197,6 +244,11 @@ class Report:
                 for rule, o in first.items()]
 
     def counts(self) -> dict[str, int]:
+        """How many outcomes have each verdict.
+
+        Returns:
+            A dict from verdict (PASS, FAIL, ERROR, INCONCLUSIVE) to its count.
+        """
         counts = {PASS: 0, FAIL: 0, ERROR: 0, INCONCLUSIVE: 0}
         for o in self.outcomes:
             counts[o.verdict] = counts.get(o.verdict, 0) + 1
@@ -278,12 +330,27 @@ class Report:
         return _text_table(columns, [[_cell(r[c]) for c in columns] for r in self.rows_by_check()])
 
     def table(self, failures_only: bool = False) -> str:
+        """The full table (:meth:`rows`: the worst outcome per check, method, rule, problem and
+        dtype) as aligned text.
+
+        Args:
+            failures_only: only the rows whose verdict is not PASS.
+
+        Returns:
+            The table as text (a header and a rule line when no row is left).
+        """
         rows = [r for r in self.rows() if not failures_only or r["verdict"] != PASS]
         columns = ["check", "rule", "problem", "dtype", "max abs err", "max rel err",
                    "tolerance", "verdict"]
         return _text_table(columns, [[_cell(r[c]) for c in columns] for r in rows])
 
     def findings_table(self) -> str:
+        """The greedy-vs-exact findings as aligned text: per rule, problem and K the sign
+        agreement, the cosine similarity and the median |exact| / |greedy|.
+
+        Returns:
+            The table as text, or "" when there are no findings.
+        """
         if not self.findings:
             return ""
         out = ["greedy one-step vs exact K-step hypergradient (a finding, not a test):",
@@ -296,6 +363,14 @@ class Report:
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
+        """The whole report as a JSON-able dict (what ``--json`` writes; read back by
+        :meth:`from_dict`): verdict, summary, counts, settings, the table's rows, every outcome,
+        the diagnoses, the failure and inconclusive messages and the findings. Non-finite
+        numbers are written as the strings "inf", "-inf" or "nan".
+
+        Returns:
+            The dict.
+        """
         return {"passed": self.passed, "interrupted": self.interrupted, "summary": self.summary(),
                 "counts": self.counts(), "meta": self.meta,
                 "rows": [_jsonable(r) for r in self.rows()],
@@ -326,9 +401,23 @@ class Report:
 
     @classmethod
     def read_json(cls, path: str | Path) -> "Report":
+        """The report a :meth:`write_json` (``--json``) file holds.
+
+        Args:
+            path: the JSON file.
+
+        Returns:
+            The :class:`Report`.
+        """
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def write_json(self, path: str | Path) -> None:
+        """Write :meth:`to_dict` as strict JSON to ``path`` (its folder made if need be), through
+        a temporary file renamed into place, so that a reader never sees half a report.
+
+        Args:
+            path: the JSON file to write.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -336,6 +425,13 @@ class Report:
         tmp.replace(path)
 
     def markdown(self) -> str:
+        """The report as a Markdown page (as docs/verification-report.md): the summary, the
+        settings, the diagnoses, failures and inconclusive comparisons, the summary by check,
+        the findings, and the full table in a collapsed section.
+
+        Returns:
+            The page's text.
+        """
         lines = ["# Verification report", "", f"**{self.summary()}**", ""]
         if self.meta:
             lines += ["| setting | value |", "| --- | --- |"]
@@ -384,6 +480,11 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def write_markdown(self, path: str | Path) -> None:
+        """Write :meth:`markdown` to ``path`` (its folder made if need be).
+
+        Args:
+            path: the Markdown file to write.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.markdown())
@@ -427,6 +528,11 @@ def _number(value: Any, missing: float) -> Any:
 
 
 def environment() -> dict[str, str]:
+    """The Python and torch versions, for a report's settings.
+
+    Returns:
+        ``{"python": ..., "torch": ...}``.
+    """
     import torch
     return {"python": platform.python_version(), "torch": torch.__version__}
 

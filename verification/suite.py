@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from verification import checks as C
-from verification.catalog import RuleSpec, all_builtin_specs, quick_specs, user_spec
+from verification.catalog import (RuleSpec, all_builtin_specs, hyperdescent_rule_specs,
+                                  quick_specs, user_spec)
 from verification.problems import PROBLEM_NAMES, Problem, make_problem
 from verification.report import Finding, Outcome, Report, environment, errored
 
@@ -140,6 +141,16 @@ class Planner:
     problems: dict = field(default_factory=dict)
 
     def problem(self, name: str, seed: int = 0) -> Problem:
+        """The problem ``name`` with ``seed``, in the planner's dtype and device, built on first
+        use and kept in ``problems``.
+
+        Args:
+            name: the problem's name.
+            seed: its seed.
+
+        Returns:
+            The :class:`Problem`.
+        """
         if (name, seed) not in self.problems:
             self.problems[(name, seed)] = make_problem(name, seed=seed, dtype=self.dtype,
                                                        device=self.device)
@@ -164,6 +175,17 @@ class CheckKind:
     through_training: bool = False
 
     def tasks(self, spec: RuleSpec, planner: Planner) -> list[Task]:
+        """The tasks of this check for ``spec``: none where it does not apply, else those
+        ``make`` returns on each of its problems (for a check through training, only the problems
+        :func:`differentiated_through` allows, unless the problems were chosen).
+
+        Args:
+            spec: the rule.
+            planner: the plan, mode and problems.
+
+        Returns:
+            The tasks.
+        """
         if not self.applies(spec, planner):
             return []
         tasks = []
@@ -264,7 +286,8 @@ RULE_CHECKS = (
     CheckKind("vmap over seeds", lambda spec, p: not spec.adapts and (
         _user(spec) or not p.quick or spec.name in QUICK_UNROLLED), _first(1, 2), _vmap_task),
     CheckKind("beta=0", lambda spec, p: not _user(spec) and spec.base is not None
-              and not spec.higher_order and not spec.transition, _all, _beta_zero_task),
+              and not spec.higher_order and not spec.transition and not spec.scheduled, _all,
+              _beta_zero_task),
 )
 # A library-wide check: greedy vs exact, for a few built-in rules.
 FINDINGS = CheckKind("greedy vs exact", lambda spec, p: spec.name in FINDING_SPECS[p.quick],
@@ -408,7 +431,8 @@ def run(rules: Optional[Iterable[RuleSpec | Callable[[float, float], Any]]] = No
                        or tuple(problems[:1]))
     if rules is None:
         from verification.hyperdescent import hyperdescent_specs
-        specs = (quick_specs() if quick else all_builtin_specs()) + hyperdescent_specs(quick)
+        specs = ((quick_specs() if quick else all_builtin_specs()) + hyperdescent_specs(quick)
+                 + hyperdescent_rule_specs(quick))
     else:
         specs = [r if isinstance(r, RuleSpec) else user_spec(r) for r in rules]
     if only:

@@ -17,12 +17,14 @@ One source of truth, split in two halves (docs/optim.md, "Design"):
   is torch.optim.Adam / AdamW / SGD step for step.
 
 What this package adds is only h_t = -g_t · d_{t-1}: one dot product per step over the stored
-direction (SGD-HD, SGDN-HD: one extra buffer) or over d_{t-1} recomputed from Adam's moments with
+direction (SGD-HD, SGDN-HD: one extra buffer; on the CPU the last gradient itself, kept as a
+copy-on-write clone instead of a copy) or over d_{t-1} recomputed from Adam's moments with
 the bias corrections of step t-1 (Adam-HD, AdamW-HD, heavy-ball SGD-HD: no extra buffer), in
 float32 or wider whatever the parameter dtype. The tests prove each trajectory equal to the
 functional rule (:func:`hdfunc.adam_hd`, ...).
 
-After each step ``param_groups[i]["lr"]`` holds γ_t, the rate that step applied, so
+After each step ``param_groups[i]["lr"]`` holds γ_t, the rate that step applied (a float on
+the CPU, a 0-d tensor elsewhere: no host sync; ``lr_as_tensor``), so
 loggers and schedulers read the adapted rate; a value written there (by a scheduler or by hand)
 is where the next step's rate continues from (docs/optim.md, "Logging the rate and schedulers").
 

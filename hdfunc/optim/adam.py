@@ -51,6 +51,9 @@ class AdamHD(HDOptimizer):
             optimizer over each rank's own parameters); None: no reduction across ranks.
         scheduler_composition: how a torch LR scheduler's write to a group's ``lr`` combines with
             the adapted rate: "scale" or "reset" (docs/optim.md).
+        lr_as_tensor: what a step leaves in a group's ``lr``: γ_t as a Python float (False), as
+            a 0-d tensor on the rates' device, with no host sync (True), or None: a tensor off
+            the CPU, a float on the CPU (docs/optim.md).
         foreach: use torch's multi-tensor kernel (None: torch's default choice).
         fused: use torch's fused kernel (None: where supported).
 
@@ -67,13 +70,13 @@ class AdamHD(HDOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, maximize: bool = False, hypergrad_scope: Scope = "global",
                  process_group: Any = None, scheduler_composition: SchedulerComposition = "scale",
-                 foreach: Optional[bool] = None, fused: Optional[bool] = None,
-                 **hd_options: Any):
+                 lr_as_tensor: Optional[bool] = None, foreach: Optional[bool] = None,
+                 fused: Optional[bool] = None, **hd_options: Any):
         betas = tuple(betas) if isinstance(betas, list) else betas
         decoupled_weight_decay = self.decoupled_weight_decay
         super().__init__(params, self._defaults(locals()), hypergrad_scope=hypergrad_scope,
                          process_group=process_group,
-                         scheduler_composition=scheduler_composition)
+                         scheduler_composition=scheduler_composition, lr_as_tensor=lr_as_tensor)
 
     def _option_checks(self) -> dict[str, GroupCheck]:
         return {**GROUP_CHECKS, "betas": _check_betas, "eps": _check_finite}

@@ -55,11 +55,12 @@ class Scheduled(NamedTuple):
     took its rates from), so a step tells a scheduler's or the user's write from its own.
 
     Attributes:
-        scheduled_lr: γ of the last step, as written into ``group["lr"]``.
+        scheduled_lr: γ of the last step, as written into ``group["lr"]`` (the same object: a
+            float, or a new 0-d tensor with ``lr_as_tensor``).
         scheduled_hypergrad_lr: the group's ``hypergrad_lr`` that β was last set from.
     """
 
-    scheduled_lr: float  # γ of the last step, as written into group["lr"] (the same object)
+    scheduled_lr: float | torch.Tensor  # γ of the last step, the object left in group["lr"]
     scheduled_hypergrad_lr: float  # the group's hypergrad_lr that β was last set from
 
 
@@ -136,6 +137,18 @@ def _check_lr(name: str, value: Any, group: Optional[dict] = None) -> None:
         raise TypeError(f"{name} must be a Python float for an HD optimizer (the adapted rate is "
                         "kept as a tensor in the optimizer's state); got a Tensor")
     _check_finite(name, value)
+
+
+def _check_lr_tensor(name: str, value: Any, group: Optional[dict] = None) -> None:
+    """A 0-d real floating tensor, finite and non-negative where it can be read without a host
+    sync (on the CPU): the form of ``lr`` that ``lr_as_tensor`` leaves, after an LR scheduler
+    filled it in place (or a checkpoint brought it). Off the CPU its value is not read (the
+    rate update's non-finite guard still applies)."""
+    if value.numel() != 1 or value.is_complex() or not value.is_floating_point():
+        raise TypeError(f"{name} must be a Python float or a one-element real floating tensor, "
+                        f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}")
+    if value.device.type == "cpu":
+        _check_finite(name, float(value))
 
 
 def _check_number_or_none(name: str, value: Any, group: Optional[dict] = None) -> None:
@@ -237,9 +250,14 @@ class HDOptimizer(Optimizer):
             optimizer over each rank's own parameters); None: no reduction across ranks.
         scheduler_composition: how a torch LR scheduler's write to a group's ``lr`` combines with
             the adapted rate: "scale" or "reset" (docs/optim.md).
+        lr_as_tensor: what a step leaves in ``param_groups[i]["lr"]``: γ_t as a Python float
+            (False: one device-to-host copy per step), as a new 0-d tensor on the rates' device
+            (True: no host sync), or None: a tensor where the rates live off the CPU, a float
+            on the CPU (docs/optim.md, "Logging the rate and schedulers").
 
     Raises:
         ValueError: ``hypergrad_scope`` or ``scheduler_composition`` is not one of its values.
+        TypeError: ``lr_as_tensor`` is not True, False or None.
     """
 
     _tensor_lr_when_compiling = False  # torch's foreach kernel takes a tensor rate under compile
@@ -247,7 +265,8 @@ class HDOptimizer(Optimizer):
     _scratch_bytes = SCRATCH_BYTES  # the size of each CPU scratch buffer of the streamed terms
 
     def __init__(self, params: Iterable, defaults: dict, *, hypergrad_scope: Scope = "global",
-                 process_group: Any = None, scheduler_composition: SchedulerComposition = "scale"):
+                 process_group: Any = None, scheduler_composition: SchedulerComposition = "scale",
+                 lr_as_tensor: Optional[bool] = None):
         if hypergrad_scope not in SCOPES:
             raise ValueError(f"hypergrad_scope must be one of {SCOPES}, got {hypergrad_scope!r}")
         if scheduler_composition not in SCHEDULER_COMPOSITIONS:
@@ -256,6 +275,9 @@ class HDOptimizer(Optimizer):
         self.hypergrad_scope = hypergrad_scope
         self.process_group = process_group
         self.scheduler_composition = scheduler_composition
+        if lr_as_tensor is not None and not isinstance(lr_as_tensor, bool):
+            raise TypeError(f"lr_as_tensor must be True, False or None, got {lr_as_tensor!r}")
+        self.lr_as_tensor = lr_as_tensor
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ construction helpers
@@ -279,6 +301,21 @@ class HDOptimizer(Optimizer):
                    HDOptions.__dataclass_fields__[key].default for key in HD_OPTION_KEYS}}
 
     def add_param_group(self, param_group: dict) -> None:
+        """Add a param group (torch.optim's ``add_param_group``): the options it does not set
+        take the optimizer's defaults; all are checked, and ``fused``/``foreach`` are resolved
+        to booleans. Its rate state starts at its first step, from its ``lr`` (one α per group;
+        with ``hypergrad_scope="global"`` adapted from the hypergradient of all groups).
+
+        Args:
+            param_group: a dict with ``params`` (a tensor or an iterable of tensors) and any of
+                the optimizer's options (``lr``, ``hypergrad_lr``, the base optimizer's and the
+                HD options).
+
+        Raises:
+            ValueError: a parameter is already in another group, an option is out of range,
+                or DTensor parameters are given with ``process_group``.
+            TypeError: an option of the wrong type, or complex or sparse parameters.
+        """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for p in group["params"]:
@@ -300,14 +337,17 @@ class HDOptimizer(Optimizer):
         return GROUP_CHECKS
 
     def _check_group(self, group: dict, where: Optional[str] = None,
-                     skip: tuple[str, ...] = ()) -> HDOptions:
+                     skip: tuple[str, ...] = (), tensor_lr: bool = False) -> HDOptions:
         """Every option of ``group`` (but those in ``skip``) is valid; returns its HD options.
         ``where`` (e.g. "param_groups[1]") prefixes the error with the group and key, for
-        values written into a group after construction."""
+        values written into a group after construction. ``tensor_lr``: a 0-d tensor ``lr``
+        is valid too (``lr_as_tensor``, filled by a scheduler; or from a checkpoint)."""
         for key, check in self._option_checks().items():
             if key in skip:
                 continue
             value = group.get(key)
+            if key == "lr" and tensor_lr and isinstance(value, torch.Tensor):
+                check = _check_lr_tensor  # a tensor lr left by lr_as_tensor, then written to
             try:
                 check(key, value, group)
             except (TypeError, ValueError) as error:
@@ -392,7 +432,11 @@ class HDOptimizer(Optimizer):
         state, scheduled = found
         written = scheduled.scheduled_lr  # the rate this optimizer last left in group["lr"]
         value = group["lr"]
-        if value is not written and value != written:  # a scheduler (or the user) wrote lr
+        if isinstance(value, torch.Tensor) or isinstance(written, torch.Tensor):
+            if not self._lr_is_own(value, scheduled):  # lr_as_tensor: without a host sync
+                state = self._composed_on_device(state, value)
+                scheduled = scheduled._replace(scheduled_lr=value)
+        elif value is not written and value != written:  # a scheduler (or the user) wrote lr
             new = float(value)
             if self.scheduler_composition == "scale" and written != 0.0:
                 # the rate continues from the written value: α and α_∞ scaled by new/γ, as
@@ -409,6 +453,49 @@ class HDOptimizer(Optimizer):
             scheduled = scheduled._replace(scheduled_hypergrad_lr=float(group["hypergrad_lr"]))
         group["hd_state"], group["hd_scheduled"] = state, scheduled
         return state
+
+    @staticmethod
+    def _lr_is_own(value: Any, scheduled: Scheduled) -> bool:
+        """Whether ``value`` (a group's ``lr``) is still the γ this optimizer left there: the same
+        object, and for a tensor not written since. A tensor left by ``lr_as_tensor`` is a new
+        one (version counter 0, as is a tensor loaded from a checkpoint); torch's LR schedulers
+        fill a tensor ``lr`` in place, which moves its version counter."""
+        if isinstance(value, torch.Tensor):
+            return value is scheduled.scheduled_lr and value._version == 0
+        return value is scheduled.scheduled_lr or (
+            not isinstance(scheduled.scheduled_lr, torch.Tensor)
+            and value == scheduled.scheduled_lr)
+
+    def _composed_on_device(self, state: HDState, value: Any) -> HDState:
+        """The rate state after a write of ``value`` to a group's ``lr`` whose γ was left as a
+        tensor: the composition of :meth:`_rate_state` ("scale": α and α_∞ times new/γ; "reset"
+        or γ = 0: α = new) in tensor operations on the rates' device, so that no host sync
+        happens (γ is the state's ``applied_lr``, the value that was left in ``lr``)."""
+        if isinstance(value, torch.Tensor):
+            new = value.detach().reshape(()).to(device=state.lr.device, dtype=state.lr.dtype,
+                                                copy=True)
+        else:
+            new = torch.full_like(state.lr, float(value))
+        gamma = state.applied_lr
+        changed = new != gamma  # (a scheduler that keeps lr, e.g. StepLR between milestones,
+        # still fills it in place: as a float write of the same value, no change)
+        if self.scheduler_composition != "scale":
+            return state._replace(lr=torch.where(changed, new, state.lr))
+        nonzero = gamma != 0
+        safe = torch.where(nonzero, gamma, torch.ones_like(gamma))
+        lr = torch.where(nonzero, new * (state.lr / safe), new)
+        state = state._replace(lr=torch.where(changed, lr, state.lr))
+        if isinstance(state.final_lr, torch.Tensor):
+            final_lr = torch.where(nonzero, new * (state.final_lr / safe), state.final_lr)
+            state = state._replace(final_lr=torch.where(changed, final_lr, state.final_lr))
+        return state
+
+    def _lr_tensor(self, state: HDState) -> bool:
+        """Whether a step leaves γ_t in ``lr`` as a tensor (``lr_as_tensor``; None: off the
+        CPU)."""
+        if self.lr_as_tensor is not None:
+            return self.lr_as_tensor
+        return state.applied_lr.device.type != "cpu"
 
     @staticmethod
     def _adapt(options: HDOptions, state: HDState, dot: torch.Tensor, grad_sq: torch.Tensor,
@@ -449,9 +536,12 @@ class HDOptimizer(Optimizer):
             options = []
             for i, group in enumerate(self.param_groups):
                 found = self._group_state(group)
-                own = found is not None and group["lr"] is found[1].scheduled_lr  # γ of step
+                own = found is not None and self._lr_is_own(group["lr"], found[1])  # γ of step
+                tensor_lr = (self._lr_tensor(found[0]) if found is not None
+                             else self.lr_as_tensor is True)
                 options.append(self._check_group(group, where=f"param_groups[{i}]",
-                                                 skip=("lr",) if own else ()))
+                                                 skip=("lr",) if own else (),
+                                                 tensor_lr=tensor_lr))
         prepared = [self._prepare(group) for group in self.param_groups]
         states = [self._rate_state(group, opts)
                   for group, opts in zip(self.param_groups, options)]
@@ -501,16 +591,23 @@ class HDOptimizer(Optimizer):
 
     @torch.compiler.disable
     def _report_applied_rates(self, states: list[HDState], dtype: torch.dtype) -> None:
-        """group["lr"] ← γ_t (a Python float, as torch.optim keeps lr), for loggers and
-        schedulers; remembered beside the rate state so that the next step can tell a
-        scheduler's (or the user's) write from its own. One device-to-host copy for all groups
-        (a sync off the CPU). Under torch.compile this runs eagerly (a graph break at the end of
-        the step): the floats then reach the next compiled step as dynamic values, not as
-        constants baked into the graph, so a new γ every step causes no recompilation
+        """group["lr"] ← γ_t, for loggers and schedulers; remembered beside the rate state so
+        that the next step can tell a scheduler's (or the user's) write from its own. A Python
+        float, as torch.optim keeps lr: one device-to-host copy for all groups (a sync off the
+        CPU); or, with ``lr_as_tensor`` (by default off the CPU), a new 0-d tensor, a copy of
+        γ_t on the rates' device: no sync. Under torch.compile this runs eagerly (a graph break
+        at the end of the step): the floats then reach the next compiled step as dynamic values,
+        not as constants baked into the graph, so a new γ every step causes no recompilation
         (tested)."""
-        device = states[0].applied_lr.device
-        rates = torch.stack([state.applied_lr.to(device=device, dtype=dtype)
-                             for state in states]).tolist()
+        as_tensor = [self._lr_tensor(state) for state in states]
+        rates: list[Any] = [state.applied_lr.detach().clone() if tensor else None
+                            for state, tensor in zip(states, as_tensor)]
+        if not all(as_tensor):
+            device = states[0].applied_lr.device
+            floats = iter(torch.stack([state.applied_lr.to(device=device, dtype=dtype)
+                                       for state, tensor in zip(states, as_tensor)
+                                       if not tensor]).tolist())
+            rates = [next(floats) if rate is None else rate for rate in rates]
         for group, rate in zip(self.param_groups, rates):
             group["lr"] = rate
             group["hd_scheduled"] = group["hd_scheduled"]._replace(scheduled_lr=rate)
@@ -669,6 +766,12 @@ class HDOptimizer(Optimizer):
             found = self._group_state(own)
             if found is not None:
                 group["hd_state"] = saved_rate_state(*found)
+            if isinstance(own["lr"], torch.Tensor):  # (lr_as_tensor) a snapshot, not the live
+                group["lr"] = own["lr"].detach().clone()  # tensor a scheduler fills in place
+                if found is not None:  # γ left there: the same object; else γ, on its own
+                    group["hd_state"]["scheduled_lr"] = (
+                        group["lr"] if self._lr_is_own(own["lr"], found[1])
+                        else found[0].applied_lr.detach().clone())
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -693,7 +796,22 @@ class HDOptimizer(Optimizer):
         """
         super().load_state_dict(self._checked_state_dict(state_dict))
         for group in self.param_groups:
-            self._group_state(group)  # the saved dict → HDState on the rates' device
+            found = self._group_state(group)  # the saved dict → HDState on the rates' device
+            if found is not None and not self._lr_tensor(found[0]):
+                self._lr_as_float(group, *found)
+
+    @staticmethod
+    def _lr_as_float(group: dict, state: HDState, scheduled: Scheduled) -> None:
+        """A group's ``lr`` (and the γ it is told from) as Python floats, where a checkpoint
+        saved with ``lr_as_tensor`` is loaded into an optimizer that keeps floats."""
+        value, written = group["lr"], scheduled.scheduled_lr
+        if not isinstance(value, torch.Tensor) and not isinstance(written, torch.Tensor):
+            return
+        own = HDOptimizer._lr_is_own(value, scheduled)
+        value = float(value)
+        group["lr"] = value
+        group["hd_scheduled"] = scheduled._replace(
+            scheduled_lr=value if own else float(state.applied_lr))
 
     def _checked_state_dict(self, state_dict: Any) -> dict:
         """``state_dict`` checked (and, from a torch.optim optimizer, migrated) group by group,
@@ -725,7 +843,7 @@ class HDOptimizer(Optimizer):
             if len(group["params"]) != len(own["params"]):
                 raise ValueError(f"{where} has {len(group['params'])} parameters, param group {i} "
                                  f"of this optimizer {len(own['params'])}")
-            self._check_group(group, where=where)
+            self._check_group(group, where=where, tensor_lr=True)
             required, allowed = self._state_keys()
             for index, p in zip(group["params"], own["params"]):
                 entry = {key: value for key, value in saved_state.get(index, {}).items()

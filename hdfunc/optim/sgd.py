@@ -3,6 +3,7 @@ step (``torch.optim.sgd.sgd``) with the rate adapted from h_t = -g_t · d_{t-1}.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterable, Optional
 
 import torch
@@ -26,6 +27,28 @@ def _check_nesterov(name: str, value: Any, group: Optional[dict] = None) -> None
     _check_flag(name, value)
     if value and (group["momentum"] <= 0 or group["dampening"] != 0):
         raise ValueError(f"{name}=True needs momentum > 0 and dampening = 0")
+
+
+_LAZY_CLONE = getattr(torch, "_lazy_clone", None)  # copy-on-write clone (torch >= 2.3)
+
+
+def keep_gradient(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """SGD-HD's d_t = g_t without a copy: a copy-on-write clone of each gradient
+    (``torch._lazy_clone``). It shares the gradient's memory until either tensor is written;
+    the first write to a shared storage (``zero_grad(set_to_none=False)``, an accumulating
+    backward, an in-place clip, a DDP bucket's next reduction) copies it first, inside torch,
+    whoever writes. So d_t keeps g_t exactly in every case, and the copy is paid only where the
+    gradient's storage is reused (with ``zero_grad()``'s default ``set_to_none=True`` the next
+    backward allocates a new gradient: never).
+
+    Args:
+        grads: the gradients g_t (plain tensors).
+
+    Returns:
+        One tensor per gradient, equal to it, that no later write to the gradient changes.
+    """
+    assert _LAZY_CLONE is not None
+    return [_LAZY_CLONE(g) for g in grads]
 
 
 class SGDHD(HDOptimizer):
@@ -60,6 +83,9 @@ class SGDHD(HDOptimizer):
             optimizer over each rank's own parameters); None: no reduction across ranks.
         scheduler_composition: how a torch LR scheduler's write to a group's ``lr`` combines with
             the adapted rate: "scale" or "reset" (docs/optim.md).
+        lr_as_tensor: what a step leaves in a group's ``lr``: γ_t as a Python float (False), as
+            a 0-d tensor on the rates' device, with no host sync (True), or None: a tensor off
+            the CPU, a float on the CPU (docs/optim.md).
         foreach: use torch's multi-tensor kernel (None: torch's default choice).
         fused: use torch's fused kernel (None: where supported).
 
@@ -75,11 +101,11 @@ class SGDHD(HDOptimizer):
                  momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
                  nesterov: bool = False, *, maximize: bool = False, hypergrad_scope: Scope = "global",
                  process_group: Any = None, scheduler_composition: SchedulerComposition = "scale",
-                 foreach: Optional[bool] = None, fused: Optional[bool] = None,
-                 **hd_options: Any):
+                 lr_as_tensor: Optional[bool] = None, foreach: Optional[bool] = None,
+                 fused: Optional[bool] = None, **hd_options: Any):
         super().__init__(params, self._defaults(locals()), hypergrad_scope=hypergrad_scope,
                          process_group=process_group,
-                         scheduler_composition=scheduler_composition)
+                         scheduler_composition=scheduler_composition, lr_as_tensor=lr_as_tensor)
 
     _tensor_lr_when_compiling = True
 
@@ -124,6 +150,41 @@ class SGDHD(HDOptimizer):
     def _terms_update_state(self, group: dict) -> bool:
         return self._stores_direction(group)
 
+    def _keeps_gradient(self, group: dict, lists: dict) -> bool:
+        """Whether this step keeps d_t without copying g_t (docs/optim.md, "The stored
+        direction"): eager CPU tensors, g_t = ∇f (no weight decay, no maximize), contiguous,
+        torch's foreach or for-loop kernel (the fused CPU kernel writes the gradient) and no
+        DTensor sharding. Plain SGD-HD then keeps d_t = g_t as a copy-on-write clone of
+        ``p.grad`` (:func:`keep_gradient`); SGDN-HD writes d_t = g_t + μ v_t in one pass after
+        the step instead of a copy and an add."""
+        if not (self._stores_direction(group) and group["weight_decay"] == 0
+                and not group["maximize"] and not group["fused"] and _LAZY_CLONE is not None
+                and not torch.compiler.is_compiling() and self._sharding() is None):
+            return False
+        for g, d in zip(lists["grads"], lists["directions"]):  # (one loop: a per-step cost)
+            if not (type(g) is torch.Tensor and g.device.type == "cpu"
+                    and g.dtype in terms.STREAMED_DTYPES and g.is_contiguous()
+                    and d.is_contiguous()):
+                return False
+        return not self._gradients_reused(lists)
+
+    def _gradients_reused(self, lists: dict) -> bool:
+        """Whether some gradient is the very tensor the last step saw (its storage reused:
+        ``zero_grad(set_to_none=False)``, DDP's bucket views), remembered (weakly) for the
+        next step. Then the copy-on-write clone would be copied at every step anyway (at the
+        zeroing, into newly allocated memory): the step copies into the stored buffer instead,
+        as it would without :func:`keep_gradient`. Exact either way; this only picks the
+        cheaper path."""
+        seen = getattr(self, "_seen_gradients", None)
+        if seen is None:
+            seen = self._seen_gradients = {}
+        reused = False
+        for p, g in zip(lists["params"], lists["grads"]):
+            last = seen.get(p)
+            reused = reused or (last is not None and last() is g)
+            seen[p] = weakref.ref(g)
+        return reused
+
     def _hypergrad_terms(self, group: dict, lists: dict, state: HDState) -> terms.HypergradTerms:
         want_sq = group["mode"] == "multiplicative"
         # d_{t-1}: the stored direction, or the heavy-ball momentum buffer v_{t-1} (none at t=1);
@@ -131,6 +192,18 @@ class SGDHD(HDOptimizer):
         # step, in _base_step)
         stores = self._stores_direction(group)
         previous = lists["directions"] if stores else lists["momentum_buffers"]
+        if self._keeps_gradient(group, lists):
+            # CPU, g = ∇f: g·d_{t-1} (and the norms) in one batched pass that only reads; d_t is
+            # g_t itself (a copy-on-write clone), or g_t + μ v_t written after the step
+            lists["keeps_gradient"] = True
+            result = terms.sgd_terms_streamed(
+                lists["grads"], previous, want_sq=want_sq, like=state.lr,
+                scratch_bytes=self._scratch_bytes, buffers=self._scratch(),
+                update_directions=False)
+            if not group["nesterov"]:
+                for p, d in zip(lists["params"], keep_gradient(lists["grads"])):
+                    self.state[p]["hd_direction"] = d
+            return result
         if (stores and group["weight_decay"] == 0 and not group["maximize"]
                 and self._streamed(lists["grads"])
                 and all(g.is_contiguous() and d.is_contiguous()
@@ -148,6 +221,8 @@ class SGDHD(HDOptimizer):
         stores = self._stores_direction(group)
         directions = lists["directions"]  # already d_t ← g_t, in the hypergradient pass
         buffers = lists["momentum_buffers"] if group["momentum"] != 0 else []
+        keeps = lists.get("keeps_gradient", False) and group["nesterov"]
+        versions = [g._version for g in lists["grads"]] if keeps else []
         torch_sgd(lists["params"], lists["grads"], buffers, foreach=group["foreach"],
                   fused=group["fused"], weight_decay=group["weight_decay"],
                   momentum=group["momentum"], lr=self._rate_for_kernel(group, state),
@@ -157,11 +232,28 @@ class SGDHD(HDOptimizer):
             for p, buffer in zip(lists["params"], buffers):
                 self.state[p]["momentum_buffer"] = buffer
         if stores and group["nesterov"]:  # d_t = g_t + μ v_t
-            if group["foreach"] or group["fused"]:
+            if keeps:
+                self._keep_nesterov_direction(group, lists, buffers, versions)
+            elif group["foreach"] or group["fused"]:
                 torch._foreach_add_(directions, buffers, alpha=group["momentum"])
             else:
                 for d, v in zip(directions, buffers):
                     d.add_(v, alpha=group["momentum"])
+
+    def _keep_nesterov_direction(self, group: dict, lists: dict, buffers: list[torch.Tensor],
+                                 versions: list[int]) -> None:
+        """SGDN-HD's d_t = g_t + μ v_t without a copy of g_t. torch's foreach kernel adds μ v_t
+        into the gradient in place (``_foreach_add_``: the gradient's version counter moved
+        during the step, where only torch's kernel ran), so the gradient then holds d_t, kept as
+        a copy-on-write clone; a gradient left unwritten (the for-loop kernel: its version
+        unchanged) is g_t still, and d_t is written into the stored buffer in one pass."""
+        momentum = group["momentum"]
+        for p, g, v, d, before in zip(lists["params"], lists["grads"], buffers,
+                                      lists["directions"], versions):
+            if g._version == before:
+                torch.add(g, v, alpha=momentum, out=d)
+            else:  # (views of one bucket share a counter: it may have moved more than once)
+                self.state[p]["hd_direction"] = keep_gradient([g])[0]
 
 
 def SGDNHD(params: Iterable, lr: float = 1e-3, hypergrad_lr: float = 1e-3,

@@ -172,7 +172,8 @@ def sum_float64(values: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(values).to(torch.float64).sum()
 
 
-def batches(sizes: list[int], capacity: int) -> Iterator[list[tuple[int, int, int]]]:
+def batches(sizes: list[int], capacity: int,
+            split_large: bool = True) -> Iterator[list[tuple[int, int, int]]]:
     """Split tensors of ``sizes`` elements into pieces (index, start, stop) and yield them in
     batches of at most ``capacity`` elements, in order. A large tensor (at least half the
     capacity) is cut into pieces that form batches of their own (used in place, no copy); small
@@ -181,6 +182,9 @@ def batches(sizes: list[int], capacity: int) -> Iterator[list[tuple[int, int, in
     Args:
         sizes: the number of elements of each tensor.
         capacity: the most elements in a batch.
+        split_large: cut large tensors into pieces of ``capacity`` (False: a large tensor is
+            one piece, of any size: for a pass that only reads it, where cache-sized pieces
+            gain nothing and cost one operation each).
 
     Returns:
         An iterator over batches, each a list of pieces (index, start, stop).
@@ -191,8 +195,9 @@ def batches(sizes: list[int], capacity: int) -> Iterator[list[tuple[int, int, in
             if batch:
                 yield batch
                 batch, filled = [], 0
-            for start in range(0, size, capacity):
-                yield [(j, start, min(start + capacity, size))]
+            step = capacity if split_large else size
+            for start in range(0, size, step):
+                yield [(j, start, min(start + step, size))]
             continue
         if filled + size > capacity:
             yield batch
@@ -278,7 +283,8 @@ def sgd_terms_streamed(grads: list[torch.Tensor], directions: list[torch.Tensor]
     (``update_directions``) d ← g, in batches of ``scratch_bytes``: a large tensor chunk by chunk
     while the chunk is in cache (g is read once), small tensors together (one dot product and
     one copy per batch). float16/bfloat16 pieces are converted to float32 in the scratch
-    buffers first. ``buffers``: a cache of scratch buffers (see :func:`scratch_pair`).
+    buffers first; without ``update_directions`` (a pass that only reads) a large tensor of the
+    work dtype is one piece. ``buffers``: a cache of scratch buffers (see :func:`scratch_pair`).
 
     Args:
         grads: ∇f(θ_{t-1}) of each tensor.
@@ -303,7 +309,8 @@ def sgd_terms_streamed(grads: list[torch.Tensor], directions: list[torch.Tensor]
         parts: list[list[torch.Tensor]] = [[], [], []]
         g_flat = [grads[i].view(-1) for i in members]
         d_flat = [directions[i].view(-1) for i in members]
-        for pieces in batches([g.numel() for g in g_flat], buffer.numel()):
+        for pieces in batches([g.numel() for g in g_flat], buffer.numel(),
+                              split_large=update_directions or dtype != work_dtype):
             g_views = [g_flat[j][a:b] for j, a, b in pieces]
             d_views = [d_flat[j][a:b] for j, a, b in pieces]
             if len(pieces) == 1 and dtype == work_dtype:

@@ -3,6 +3,12 @@
     hdfunc study --problem logreg --optimizers sgd,sgd_hd,adam,adam_hd --lr0 1e-3 \\
         --seeds 8 --steps 300 --out runs/quick
     hdfunc study --config studies/quick_mnist.toml --out runs/quick [--resume]
+    hdfunc study --problem logreg --optimizers adam_hd,prodigy,schedulefree_adamw,dadapt_adam,dog \
+        --lr0 1e-6:1e-1:6 --lr0-of prodigy=1e-8:1e-3:6 --seeds 8 --epochs 2 --out runs/peers
+
+Optimizers are the functional rules (vmapped over runs) and any torch.optim optimizer of
+``hdfunc.studies.torch_optimizers.TORCH_OPTIMIZERS`` (torch_adam, optim_adam_hd, prodigy, ...: run
+after run, on the same seeds' initialisations and minibatches); docs/peers.md.
 
 Command-line options override the study file. Under ``torchrun`` (WORLD_SIZE > 1) the seeds are
 sharded over the processes and the results merged into ``--out`` (see docs/studies.md).
@@ -15,7 +21,10 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # (imported lazily at run time: --help must not import torch)
+    from hdfunc.studies.config import StudyConfig
 
 # The problems of hdfunc.studies.problems.PROBLEMS (tests/test_package.py checks that they agree),
 # spelled out so that --help answers without importing torch; the study modules are imported
@@ -74,6 +83,14 @@ def _optimizers(text: str) -> list[str]:
     return names
 
 
+def _lr0_of(text: str) -> tuple[str, list[float]]:
+    """``prodigy=1e-8:1e-3:6`` or ``dog=1e-6,1e-4``: one optimizer's own grid."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--lr0-of must be LABEL=GRID, got {text!r}")
+    label, grid = text.split("=", 1)
+    return label.strip(), _floats(grid)
+
+
 def _option(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"problem option must be key=value, got {text!r}")
@@ -108,6 +125,9 @@ def build_parser(prog: str = "hdfunc study") -> argparse.ArgumentParser:
                         help="comma-separated rules, e.g. sgd,sgd_hd,adam,adam_hd or "
                              "sgd_hd:mode=multiplicative")
     parser.add_argument("--lr0", type=_floats, help="initial learning rates, e.g. 1e-1,1e-2,1e-3 or 1e-6:1e-1:6 (log-spaced)")
+    parser.add_argument("--lr0-of", type=_lr0_of, action="append", default=[], metavar="LABEL=GRID",
+                        help="one optimizer's own grid of the value lr0 sets (α0; d0 for Prodigy "
+                             "and D-Adaptation, reps_rel for DoG), e.g. prodigy=1e-8:1e-3:6")
     parser.add_argument("--beta", type=_beta, help="hypergradient rates: 1e-3,1e-4 (or 1e-5:1e-2:4) for every HD rule, or "
                         "sgd_hd=1e-3,adam_hd=1e-7")
     parser.add_argument("--seeds", type=_seeds, help="8 (seeds 0..7), 0-15 or 3,5,7")
@@ -154,7 +174,7 @@ FIELDS = ("problem", "optimizers", "lr0", "beta", "seeds", "steps", "epochs", "b
           "checkpoint_every", "name")
 
 
-def config_from_args(args: argparse.Namespace) -> "StudyConfig":
+def config_from_args(args: argparse.Namespace) -> StudyConfig:
     """The study of the command line: the study file (``--config``) if given, overridden by the
     options given; a relative ``data_dir`` of a study file is taken from the file's folder.
 
@@ -188,6 +208,8 @@ def config_from_args(args: argparse.Namespace) -> "StudyConfig":
     options.update(dict(args.problem_option))
     if args.data_dir:
         options["data_dir"] = args.data_dir
+    if args.lr0_of:
+        overrides["lr0_by_optimizer"] = {**base.get("lr0_by_optimizer", {}), **dict(args.lr0_of)}
     return StudyConfig.from_dict({**base, **overrides, "problem_options": options})
 
 
@@ -229,6 +251,11 @@ def main(argv: list[str] | None = None, prog: str = "hdfunc study") -> int:
         return fail(error)
     except OSError as error:  # the study file: missing, a folder, unreadable
         return fail(f"cannot read {error.filename or args.config}: {error.strerror or error}")
+    from hdfunc.studies.torch_optimizers import MissingPeerError, require_optimizers
+    try:  # before any data is loaded: one line naming the extra to install
+        require_optimizers(config.optimizer_specs)
+    except MissingPeerError as error:
+        return fail(error)
     from hdfunc.studies.results import StudyRecoveryWarning
     with warnings.catch_warnings():
         warnings.simplefilter("always", StudyRecoveryWarning)
@@ -269,7 +296,7 @@ def plot_only(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace, config: "StudyConfig") -> int:
+def run(args: argparse.Namespace, config: StudyConfig) -> int:
     """Run the study of ``args``; errors end with one line and status 2.
 
     Args:

@@ -13,11 +13,17 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import hdfunc
+from hdfunc.studies.torch_optimizers import TORCH_OPTIMIZERS
 
-#: The paper's β for each HD rule (β = 1e-3 for the SGD family, 1e-7 for Adam; §4).
+#: The paper's β for each HD rule (β = 1e-3 for the SGD family, 1e-7 for Adam; §4), and for the
+#: :mod:`hdfunc.optim` class of each (``optim_adam_hd``: the loop path's twin of ``adam_hd``).
 PAPER_BETA = {name: info.paper_hypergrad_lr for name, info in hdfunc.REGISTRY.items()
               if info.paper_hypergrad_lr is not None}
+PAPER_BETA.update({name: PAPER_BETA[info.rule] for name, info in TORCH_OPTIMIZERS.items()
+                   if info.hd})
+#: The base optimizer of each HD optimizer (its fixed-rate twin, the partner of its paired tests).
 BASE_OF = {name: info.base for name, info in hdfunc.REGISTRY.items() if info.is_hd}
+BASE_OF.update({name: BASE_OF[info.rule] for name, info in TORCH_OPTIMIZERS.items() if info.hd})
 #: Options of the study that do not change its numbers (free to change on --resume).
 RUNTIME_FIELDS = ("device", "compile", "checkpoint_every", "checkpoint_seconds", "chunk_size",
                   "threads", "metric")
@@ -66,16 +72,40 @@ class OptimizerSpec:
 
     @property
     def is_hd(self) -> bool:
+        """Whether it is an HD optimizer, one with a base optimizer in :data:`BASE_OF`."""
         return self.name in BASE_OF
 
     @property
+    def is_torch(self) -> bool:
+        """Whether it is a ``torch.optim.Optimizer`` (:data:`~hdfunc.studies.torch_optimizers.
+        TORCH_OPTIMIZERS`: trained on the loop path) rather than a functional rule (vmapped)."""
+        return self.name in TORCH_OPTIMIZERS
+
+    @property
+    def lr0_arg(self) -> str:
+        """The hyperparameter the study's ``lr0`` sets: ``lr`` (α_0), or ``d0`` / ``reps_rel``
+        for the peers that expose another initial scale."""
+        return TORCH_OPTIMIZERS[self.name].lr0_arg if self.is_torch else "lr"
+
+    @property
     def base_name(self) -> str:
+        """The name of its base optimizer (:data:`BASE_OF`), or its own name when it is not HD."""
         return BASE_OF.get(self.name, self.name)
 
     def kwargs(self) -> dict:
+        """The extra keyword options.
+
+        Returns:
+            ``options`` as a dict.
+        """
         return dict(self.options)
 
     def to_json(self) -> dict:
+        """The optimizer as a JSON-friendly dict.
+
+        Returns:
+            A dict with ``name``, ``label`` and each extra option.
+        """
         return {"name": self.name, "label": self.label, **self.kwargs()}
 
 
@@ -124,7 +154,9 @@ def log_grid(text: str) -> list[float]:
 
 
 def parse_optimizer(spec: str | dict | OptimizerSpec) -> OptimizerSpec:
-    """An :class:`OptimizerSpec` from ``"name[:key=value...]"`` or a dict with ``name``.
+    """An :class:`OptimizerSpec` from ``"name[:key=value...]"`` or a dict with ``name``: a rule
+    of :data:`hdfunc.RULES` (vmapped) or a ``torch.optim.Optimizer`` of
+    :data:`~hdfunc.studies.torch_optimizers.TORCH_OPTIMIZERS` (run in a loop over seeds).
 
     Args:
         spec: ``"name[:key=value...]"``, a dict with ``name`` (and options), or an
@@ -134,7 +166,8 @@ def parse_optimizer(spec: str | dict | OptimizerSpec) -> OptimizerSpec:
         The :class:`OptimizerSpec`.
 
     Raises:
-        ValueError: an unknown rule, a malformed option, a missing ``name``, or ``lr``/
+        ValueError: an unknown rule, a malformed option, a missing ``name``, or the
+            hyperparameter the study's ``lr0`` sets (``lr``, ``d0``, ``reps_rel``) or
             ``hypergrad_lr`` given as an option.
         TypeError: ``spec`` is not a string, a dict or an OptimizerSpec.
     """
@@ -157,9 +190,11 @@ def parse_optimizer(spec: str | dict | OptimizerSpec) -> OptimizerSpec:
         label = spec.get("label") or ":".join([name] + [f"{k}={v}" for k, v in sorted(options.items())])
     else:
         raise TypeError(f"an optimizer must be a string or a table, got {type(spec).__name__}")
-    if name not in hdfunc.RULES:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(hdfunc.RULES)}")
-    for key in ("lr", "hypergrad_lr"):
+    if name not in hdfunc.RULES and name not in TORCH_OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(hdfunc.RULES)} "
+                         f"(vmapped rules) or {sorted(TORCH_OPTIMIZERS)} (torch.optim optimizers)")
+    lr0_arg = TORCH_OPTIMIZERS[name].lr0_arg if name in TORCH_OPTIMIZERS else "lr"
+    for key in (lr0_arg, "hypergrad_lr"):
         if key in options:
             raise ValueError(f"optimizer {label!r}: set {key} through the study's lr0/beta, "
                              f"not as an optimizer option")
@@ -178,7 +213,9 @@ class StudyConfig:
         problem_options: the problem's options (``data_dir``, ``hidden``, ``limit``, ...).
         optimizers: the optimizers: names or ``"name:key=value..."`` strings, or dicts with
             ``name``.
-        lr0: the initial learning rates α_0, or a log-spaced grid ``"low:high:n"``.
+        lr0: the initial learning rates α_0, or a log-spaced grid ``"low:high:n"`` (for a peer:
+            the value its :attr:`OptimizerSpec.lr0_arg` names, e.g. Prodigy's d_0).
+        lr0_by_optimizer: per optimizer label (or name), its own grid replacing ``lr0``.
         beta: β for every HD optimizer (a list), per optimizer label (a dict), or None for the
             paper's value of each HD rule.
         seeds: a count n (seeds 0..n-1) or a list of seeds.
@@ -215,6 +252,9 @@ class StudyConfig:
     problem_options: dict = field(default_factory=dict)
     optimizers: list = field(default_factory=lambda: ["sgd", "sgd_hd", "adam", "adam_hd"])
     lr0: list = field(default_factory=lambda: [1e-3])  # or "low:high:n" (log-spaced)
+    #: per optimizer label (or name): its own grid of the value ``lr0`` sets (α_0, or d_0 of
+    #: Prodigy / D-Adaptation, reps_rel of DoG), a list or ``"low:high:n"``, replacing ``lr0``
+    lr0_by_optimizer: dict = field(default_factory=dict)
     #: β values for every HD optimizer (a list), per optimizer label (a dict of lists), or None
     #: for the paper's value of each HD rule (:data:`PAPER_BETA`).
     beta: Any = None
@@ -256,13 +296,45 @@ class StudyConfig:
 
     @property
     def optimizer_specs(self) -> list[OptimizerSpec]:
+        """The :class:`OptimizerSpec` of each entry of ``optimizers`` (parsed on every access)."""
         return [parse_optimizer(o) for o in self.optimizers]
 
     @property
     def seed_list(self) -> list[int]:
+        """The seeds: 0..n-1 for a count n, else the listed seeds."""
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
+    def lr0_for(self, spec: OptimizerSpec) -> list[float]:
+        """The grid of ``spec``: ``lr0_by_optimizer[label]`` (or ``[name]``), else ``lr0``.
+
+        Args:
+            spec: the optimizer.
+
+        Returns:
+            Its α_0 (or d_0, reps_rel) values.
+        """
+        grid = self.lr0_by_optimizer.get(spec.label, self.lr0_by_optimizer.get(spec.name))
+        return [float(x) for x in (self.lr0 if grid is None else grid)]
+
+    def all_lr0(self) -> list[float]:
+        """Every value of any optimizer's grid, sorted.
+
+        Returns:
+            The sorted distinct values.
+        """
+        return sorted({x for spec in self.optimizer_specs for x in self.lr0_for(spec)})
+
     def betas_for(self, spec: OptimizerSpec) -> list[float]:
+        """The β values of ``spec``: [0.0] for a base optimizer; for an HD one the paper's β
+        (``beta`` None), ``beta[label]`` (or ``[name]``, else the paper's β) when ``beta`` is a
+        dict, or else every value of ``beta``.
+
+        Args:
+            spec: the optimizer.
+
+        Returns:
+            Its β values.
+        """
         if not spec.is_hd:
             return [0.0]
         if self.beta is None:
@@ -279,7 +351,7 @@ class StudyConfig:
             The :class:`RunKey` of every run.
         """
         return [RunKey(spec.label, float(lr0), beta, seed)
-                for spec in self.optimizer_specs for lr0 in self.lr0
+                for spec in self.optimizer_specs for lr0 in self.lr0_for(spec)
                 for beta in self.betas_for(spec) for seed in self.seed_list]
 
     def steps_per_epoch(self, num_examples: int) -> int:
@@ -329,13 +401,33 @@ class StudyConfig:
     # --------------------------------------------------------------------- (de)serialisation
 
     def to_dict(self) -> dict:
+        """The settings as a plain dict: optimizers as strings or dicts, the α_0 grids as lists
+        of floats.
+
+        Returns:
+            A dict with one entry per field, which :meth:`from_dict` reads back.
+        """
         data = asdict(self)
         data["optimizers"] = [o if isinstance(o, str) else dict(o) for o in self.optimizers]
         data["lr0"] = [float(x) for x in self.lr0]
+        data["lr0_by_optimizer"] = {k: [float(x) for x in v]
+                                    for k, v in self.lr0_by_optimizer.items()}
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "StudyConfig":
+        """A study from a dict of settings (as :meth:`to_dict` returns).
+
+        Args:
+            data: the settings, by field name.
+
+        Returns:
+            The validated :class:`StudyConfig`.
+
+        Raises:
+            ValueError: an unknown setting, or an invalid one (see :meth:`validate`).
+            TypeError: ``problem`` is not a name or ``problem_options`` not a dict.
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -380,6 +472,14 @@ class StudyConfig:
     # --------------------------------------------------------------------- validation
 
     def validate(self) -> None:
+        """Check every setting, normalising some in place: a single optimizer, α_0 or β becomes
+        a list, a ``"low:high:n"`` grid its values, and a list of seeds a list (run on creation).
+
+        Raises:
+            TypeError: ``problem`` is not a name or ``problem_options`` not a dict.
+            ValueError: a setting is out of range or inconsistent (e.g. both or neither of
+                ``steps`` and ``epochs``, repeated optimizer labels or seeds, an unknown metric).
+        """
         if not isinstance(self.problem, str):
             raise TypeError(f"problem must be a name, got {self.problem!r}")
         if not isinstance(self.problem_options, dict):
@@ -399,6 +499,22 @@ class StudyConfig:
         if not self.lr0 or any(not isinstance(x, (int, float)) or not x > 0 or not math.isfinite(x)
                                for x in self.lr0):
             raise ValueError(f"lr0 must be a non-empty list of positive finite numbers, got {self.lr0}")
+        if not isinstance(self.lr0_by_optimizer, dict):
+            raise ValueError("lr0_by_optimizer must be a table: optimizer label -> grid")
+        known = {s.label for s in specs} | {s.name for s in specs}
+        grids = {}
+        for key, grid in self.lr0_by_optimizer.items():
+            if key not in known:
+                raise ValueError(f"lr0_by_optimizer names {key!r}, which is not an optimizer of "
+                                 f"this study ({sorted(known)})")
+            grid = log_grid(grid) if isinstance(grid, str) else (
+                [grid] if isinstance(grid, (int, float)) else list(grid))
+            if not grid or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0
+                               or not math.isfinite(x) for x in grid):
+                raise ValueError(f"lr0_by_optimizer[{key!r}] must be positive finite numbers, "
+                                 f"got {grid}")
+            grids[key] = [float(x) for x in grid]
+        self.lr0_by_optimizer = grids
         if self.beta is not None:
             if isinstance(self.beta, str):
                 self.beta = log_grid(self.beta)

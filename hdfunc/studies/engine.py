@@ -25,7 +25,7 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 import hdfunc
 from hdfunc.studies.config import OptimizerSpec, RunKey, StudyConfig
-from hdfunc.studies.problems import Problem, make_problem
+from hdfunc.studies.problems import Problem, make_problem, vmap_loss
 from hdfunc.studies.storage import check_output_folder, load_checkpoint, save_checkpoint
 from hdfunc.tree import tree_leaves, tree_stack
 
@@ -358,7 +358,21 @@ class BatchedTrainer:
     # ------------------------------------------------------------------ the batched functions
 
     def loss(self, params: dict, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.problem.loss_fn(functional_call(self.template, params, (inputs,)), targets)
+        """The problem's loss of one run on one minibatch: the model called functionally with
+        ``params``, then the problem's ``loss_fn`` in its vmap formulation
+        (:func:`~hdfunc.studies.problems.vmap_loss`: the same numbers in fewer vmapped
+        operations). Written for one run; the step vmaps it over the S runs.
+
+        Args:
+            params: the run's params (name -> tensor).
+            inputs: the minibatch's inputs, one example per row.
+            targets: the minibatch's targets.
+
+        Returns:
+            The mean loss of the minibatch (0-d).
+        """
+        outputs = functional_call(self.template, params, (inputs,))
+        return vmap_loss(self.problem.loss_fn)(outputs, targets)
 
     def _make_step(self) -> Callable:
         rule = self.rule
@@ -426,7 +440,7 @@ class BatchedTrainer:
 
         def outputs_loss(p: dict, x: torch.Tensor, y: torch.Tensor):
             out = functional_call(self.template, p, (x,))
-            loss = self.problem.loss_fn(out, y)
+            loss = vmap_loss(self.problem.loss_fn)(out, y)
             correct = (out.argmax(-1) == y).sum() if classify else loss.new_zeros(())
             return loss, correct
 
@@ -584,10 +598,11 @@ def choose_chunk_size(config: StudyConfig, problem: Problem, device: torch.devic
     if config.chunk_size is not None:
         return config.chunk_size
     element = torch.tensor([], dtype=getattr(torch, config.dtype)).element_size()
-    largest = max(bytes_per_run(problem, template_rule(spec, config), config.batch_size, element)
-                  for spec in config.optimizer_specs)
-    runs_per_optimizer = len(config.lr0) * len(config.seed_list) * max(
-        len(config.betas_for(s)) for s in config.optimizer_specs)
+    # torch.optim optimizers (the loop path) train one run at a time: not sized here
+    largest = max((bytes_per_run(problem, template_rule(spec, config), config.batch_size, element)
+                   for spec in config.optimizer_specs if not spec.is_torch), default=1)
+    runs_per_optimizer = len(config.seed_list) * max(
+        len(config.lr0_for(s)) * len(config.betas_for(s)) for s in config.optimizer_specs)
     return max(1, min(runs_per_optimizer, available_memory(device) // largest))
 
 
@@ -642,6 +657,7 @@ def run_study(config: StudyConfig, out_dir: str | Path | None = None, *, resume:
         hdfunc.studies.storage.StudyError: ``resume`` with files that do not match ``config``.
     """
     from hdfunc.studies.results import MemoryCollector, StudyWriter
+    from hdfunc.studies.torch_optimizers import make_trainer, note_performance
 
     if not isinstance(config, StudyConfig):
         raise TypeError(f"config must be a StudyConfig, got {type(config).__name__}")
@@ -671,11 +687,15 @@ def run_study(config: StudyConfig, out_dir: str | Path | None = None, *, resume:
         for chunk in todo:
             if chunk.spec.label not in trainers:
                 trainers.clear()  # one optimizer at a time keeps memory down
-                trainers[chunk.spec.label] = BatchedTrainer(problem, chunk.spec, config, device)
+                trainers[chunk.spec.label] = make_trainer(problem, chunk.spec, config, device)
             if bar is not None:
                 bar.set_description(f"{chunk.spec.label} ({len(chunk.keys)} runs)")
-            result = trainers[chunk.spec.label].run(chunk.keys, checkpoint=sink.checkpoint_path(chunk.id),
+            checkpoint = sink.checkpoint_path(chunk.id)
+            resumed, started = checkpoint is not None and checkpoint.is_file(), time.perf_counter()
+            result = trainers[chunk.spec.label].run(chunk.keys, checkpoint=checkpoint,
                                                     progress=bar)
+            note_performance(result, trainers[chunk.spec.label], time.perf_counter() - started,
+                             resumed)
             sink.add(chunk.id, result)
             if outer is not None:
                 outer.update(1)

@@ -134,6 +134,19 @@ def _draw(ax: plt.Axes, x: np.ndarray, data: np.ndarray, label: str) -> bool:
     return True
 
 
+def _finish_curves(ax: plt.Axes, x: np.ndarray, shown: list[np.ndarray], ylabel: str) -> None:
+    """Label and scale a panel of curves against the iteration: a log iteration axis (when it
+    starts above 0), the value axis fitted to the ``shown`` data, a legend, the common style."""
+    ax.set_xlabel("iteration", fontsize=FONT)
+    ax.set_ylabel(ylabel, fontsize=FONT)
+    if x[0] > 0:
+        ax.set_xscale("log")
+    if shown:
+        _set_value_scale(ax, np.concatenate(shown))
+        ax.legend(fontsize=FONT - 1)
+    _style(ax)
+
+
 def _set_value_scale(ax: plt.Axes, values: np.ndarray) -> None:
     """Log scale for positive values, symlog when some are ≤ 0 (linear near zero)."""
     finite = values[np.isfinite(values)]
@@ -200,15 +213,8 @@ def plot_curves(results: Any, path: Path, which: str) -> Path | None:
                 if _draw(ax, x, data, _label(spec.label, beta, len(betas))):
                     shown.append(data.ravel())
         ax.set_title(title, fontsize=FONT)
-        ax.set_xlabel("iteration", fontsize=FONT)
-        ax.set_ylabel("training loss (minibatch, smoothed)" if which == "loss"
-                      else "learning rate α_t", fontsize=FONT)
-        if x[0] > 0:
-            ax.set_xscale("log")
-        if shown:
-            _set_value_scale(ax, np.concatenate(shown))
-            ax.legend(fontsize=FONT - 1)
-        _style(ax)
+        _finish_curves(ax, x, shown, "training loss (minibatch, smoothed)" if which == "loss"
+                       else "learning rate α_t")
     what = "training loss" if which == "loss" else "applied learning rate"
     fig.suptitle(f"{config.name}: {what}; {_suffix(results)}", fontsize=FONT)
     _layout(fig)
@@ -291,7 +297,7 @@ def plot_final_vs_lr0(results: Any, path: Path, metric: str | None = None) -> Pa
     config = results.config
     metric = metric or config.metric
     table = _metric_rows(results, metric)
-    if len(config.lr0) < 2 or not table:
+    if len(config.all_lr0()) < 2 or not table:
         return None
     specs = config.optimizer_specs
     families = list(dict.fromkeys(s.base_name for s in specs))
@@ -318,7 +324,9 @@ def plot_final_vs_lr0(results: Any, path: Path, metric: str | None = None) -> Pa
                     ax.plot(missing, [top] * len(missing), "x", color=line.get_color(), ms=9, mew=2)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("initial learning rate α₀", fontsize=FONT)
+        ax.set_xlabel("initial learning rate α₀" if not any(
+            s.lr0_arg != "lr" for s in specs if s.base_name == family) else "initial scale "
+            + ", ".join(sorted({s.lr0_arg for s in specs if s.base_name == family})), fontsize=FONT)
         ax.set_ylabel(f"{metric.replace('_', ' ')} (median)", fontsize=FONT)
         ax.set_title(family, fontsize=FONT)
         ax.legend(fontsize=FONT - 1)
@@ -326,6 +334,116 @@ def plot_final_vs_lr0(results: Any, path: Path, metric: str | None = None) -> Pa
     fig.suptitle(f"{config.name}: {metric.replace('_', ' ')} vs α₀ (median of "
                  f"{len(config.seed_list)} seeds, 95% CI; x: median diverged / not reached)",
                  fontsize=FONT)
+    _layout(fig)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _best_settings(results: Any, metric: str) -> dict:
+    """Per optimizer label: (lr0, beta) of its lowest median ``metric`` (highest for accuracy)."""
+    from hdfunc.studies.stats import _best_worst, _settings
+    out = {}
+    for spec in results.config.optimizer_specs:
+        settings = _settings(results, spec, metric)
+        if settings:
+            lr0, beta, _ = _best_worst(settings)["best"]
+            out[spec.label] = (lr0, beta)
+    return out
+
+
+def plot_best(results: Any, path: Path, which: str, metric: str | None = None) -> Path | None:
+    """Loss (``which="loss"``) or applied rate (``"lr"``) vs iteration of every optimizer at its
+    own best setting (lowest median ``metric`` over its grid), one panel: the comparison of a
+    study whose optimizers have grids of their own (``lr0_by_optimizer``).
+
+    Args:
+        results: a ``StudyResults``.
+        path: the PNG file to write.
+        which: "loss" or "lr".
+        metric: the metric that picks the best setting (default: the study's).
+
+    Returns:
+        ``path``, or None if the study has no curves.
+    """
+    config = results.config
+    if not results.curves or len(results.steps) == 0:
+        return None
+    best = _best_settings(results, metric or config.metric)
+    index = 0 if which == "loss" else 1
+    window = max(1, len(results.steps) // 50) if which == "loss" else 1
+    keep = _thin(results.steps)
+    x = results.steps[keep]
+    fig, axes = _grid(1)
+    ax, shown = axes[0], []
+    for spec in config.optimizer_specs:
+        if spec.label not in best:
+            continue
+        lr0, beta = best[spec.label]
+        curves = [results.curves[r.key][index] for r in _runs(results, spec.label, lr0, beta)
+                  if r.key in results.curves]
+        if not curves:
+            continue
+        data = np.stack([smooth(c, window)[keep] for c in curves])
+        if _draw(ax, x, data, f"{spec.label} ({spec.lr0_arg} = {lr0:g})"):
+            shown.append(data.ravel())
+    _finish_curves(ax, x, shown, "training loss (minibatch, smoothed)" if which == "loss"
+                   else "applied step size (d·lr for Prodigy / D-Adapt, η for DoG)")
+    what = "training loss" if which == "loss" else "applied step size"
+    fig.suptitle(f"{config.name}: {what}, each optimizer at its best setting;\n{_suffix(results)}",
+                 fontsize=FONT)
+    _layout(fig)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_sensitivity(results: Any, path: Path, metric: str | None = None) -> Path | None:
+    """Median ``metric`` (95 % CI band) vs the position in each optimizer's own grid (its α_0,
+    d_0 or reps_rel, in decades from its first value), all optimizers in one panel: how much the
+    outcome depends on the initial rate.
+
+    Args:
+        results: a ``StudyResults`` with statistics.
+        path: the PNG file to write.
+        metric: the metric (default: the study's).
+
+    Returns:
+        ``path``, or None without statistics.
+    """
+    config = results.config
+    metric = metric or config.metric
+    table = _metric_rows(results, metric)
+    if not table:
+        return None
+    fig, axes = _grid(1)
+    ax = axes[0]
+    top = max((r["ci_high"] for r in table if r["ci_high"] is not None), default=1.0)
+    for spec in config.optimizer_specs:
+        grid = config.lr0_for(spec)
+        for beta in config.betas_for(spec):
+            rows = sorted((r for r in table if r["optimizer"] == spec.label and r["beta"] == beta),
+                          key=lambda r: r["lr0"])
+            if not rows:
+                continue
+            x = np.log10([r["lr0"] for r in rows]) - np.log10(min(grid))
+            y = np.array([r["median"] if r["median"] is not None else np.nan for r in rows])
+            low = np.array([r["ci_low"] if r["ci_low"] is not None else np.nan for r in rows])
+            high = np.array([r["ci_high"] if r["ci_high"] is not None else top for r in rows])
+            label = f"{spec.label}: {spec.lr0_arg} {min(grid):g}…{max(grid):g}"
+            line, = ax.plot(x, y, "-o" if spec.is_hd else "--s", ms=5, lw=1.8, label=label)
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15, lw=0)
+            missing = [xi for xi, r in zip(x, rows) if r["median"] is None]
+            if missing:
+                ax.plot(missing, [top] * len(missing), "x", color=line.get_color(), ms=9, mew=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("decades above the grid's first value (each optimizer's own α₀ / d₀ / reps_rel)",
+                  fontsize=FONT)
+    ax.set_ylabel(f"{metric.replace('_', ' ')} (median)", fontsize=FONT)
+    ax.legend(fontsize=FONT - 2)
+    _style(ax)
+    fig.suptitle(f"{config.name}: sensitivity to the initial rate (median of "
+                 f"{len(config.seed_list)} seeds, 95% CI; x: median diverged)", fontsize=FONT)
     _layout(fig)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -349,7 +467,7 @@ def plot_grids(results: Any, folder: Path, metric: str | None = None) -> list[Pa
     config = results.config
     metric = metric or ("iterations_to_target" if config.target_loss is not None else config.metric)
     table = _metric_rows(results, metric)
-    lr0s = sorted(float(x) for x in config.lr0)
+    lr0s = config.all_lr0()
     written = []
     for hd in (s for s in config.optimizer_specs if s.is_hd):
         betas = sorted(config.betas_for(hd), reverse=True)
@@ -419,6 +537,11 @@ def plot_study(results: Any, folder: str | Path) -> list[Path]:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if results.config.lr0_by_optimizer:  # grids of their own: compare each at its best setting
+        written = [plot_best(results, folder / "best_loss.png", "loss"),
+                   plot_best(results, folder / "best_lr.png", "lr"),
+                   plot_sensitivity(results, folder / "sensitivity.png")]
+        return [p for p in written if p is not None]
     written = [plot_curves(results, folder / "loss.png", "loss"),
                plot_curves(results, folder / "lr.png", "lr"),
                plot_epochs(results, folder / "epochs.png"),

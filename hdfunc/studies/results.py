@@ -10,6 +10,11 @@ An output folder holds
                     of finished chunks and, once the study is complete, its statistics
 * ``checkpoints/``  mid-chunk checkpoints of the chunk in progress (deleted when it finishes)
 * ``plots/``        PNG figures (see :mod:`hdfunc.studies.plots`)
+* ``performance.json`` per chunk: its path (``vmap``: a functional rule, all runs in one vmapped
+                    step; ``loop``: a ``torch.optim.Optimizer``, run after run), run-steps, wall
+                    seconds and optimizer-state bytes per run (timings, not results: written
+                    plainly after each chunk's results, not checksummed, not compared on resume;
+                    one torn by a kill reads as empty)
 
 Writes are durable and verifiable (:mod:`hdfunc.studies.storage`): a finished chunk's rows are
 appended to the CSV and fsynced, then ``summary.json`` is replaced atomically, recording where the
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import itertools
 import math
 import os
@@ -265,6 +271,8 @@ class StudyResults:
         curves: run -> (losses, rates) at the logged steps.
         statistics: the output of :func:`hdfunc.studies.stats.study_statistics`.
         out_dir: the study's folder (None for a study kept in memory).
+        performance: per chunk id, its path, runs, run-steps, seconds and optimizer-state bytes
+            per run (:func:`performance_table` aggregates them per optimizer).
     """
 
     config: StudyConfig
@@ -274,6 +282,7 @@ class StudyResults:
     curves: dict[RunKey, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     statistics: dict | None = None
     out_dir: Path | None = None
+    performance: dict = field(default_factory=dict)
 
     def run(self, optimizer: str, lr0: float, beta: float, seed: int) -> RunSummary:
         """The summary of one run.
@@ -347,8 +356,53 @@ class StudyResults:
         Returns:
             The table.
         """
-        from hdfunc.studies.stats import format_table
-        return format_table(self.statistics or {}, metric)
+        from hdfunc.studies.stats import format_performance, format_table
+        table = format_table(self.statistics or {}, metric)
+        speed = format_performance(performance_table(self.performance))
+        return table + ("\n\n" + speed if speed else "")
+
+
+def performance_table(performance: dict) -> list[dict]:
+    """Per optimizer: its path, run-steps timed, seconds, milliseconds per run-step, run-steps
+    per second and optimizer-state bytes per run, from the chunk records of ``performance.json``
+    (chunks resumed from a checkpoint are left out where the optimizer has others).
+
+    Args:
+        performance: chunk id -> record (``StudyResults.performance``).
+
+    Returns:
+        One row per optimizer, in the order of the chunks.
+    """
+    groups: dict[str, list] = {}
+    for record in performance.values():
+        groups.setdefault(record["optimizer"], []).append(record)
+    rows = []
+    for optimizer, records in groups.items():
+        whole = [r for r in records if not r.get("resumed")] or records
+        run_steps = sum(r["run_steps"] for r in whole)
+        seconds = sum(r["seconds"] for r in whole)
+        rows.append({"optimizer": optimizer, "path": records[0]["path"], "run_steps": run_steps,
+                     "seconds": seconds,
+                     "ms_per_run_step": 1000 * seconds / run_steps if run_steps else None,
+                     "run_steps_per_second": run_steps / seconds if seconds > 0 else None,
+                     "state_bytes": max(r["state_bytes"] for r in records)})
+    return rows
+
+
+def performance_record(chunk_id: str, result: Any) -> dict | None:
+    """The ``performance.json`` record of a finished chunk (None if its trainer timed nothing).
+
+    Args:
+        chunk_id: the chunk.
+        result: its ``ChunkResult`` with ``performance`` (the optimizer: its runs' label).
+
+    Returns:
+        The record, or None.
+    """
+    performance = getattr(result, "performance", None)
+    if performance is None:
+        return None
+    return {"optimizer": result.keys[0].optimizer, **performance}
 
 
 def print_summary(results: StudyResults, file: TextIO | None = None) -> None:
@@ -368,9 +422,10 @@ def _sort_runs(config: StudyConfig, runs: Iterable[RunSummary]) -> list[RunSumma
 
 
 def _finish(config: StudyConfig, problem: str, runs: list[RunSummary], steps: np.ndarray,
-            curves: dict, out_dir: Path | None) -> StudyResults:
+            curves: dict, out_dir: Path | None, performance: dict | None = None) -> StudyResults:
     from hdfunc.studies.stats import study_statistics
-    results = StudyResults(config, problem, _sort_runs(config, runs), steps, curves, None, out_dir)
+    results = StudyResults(config, problem, _sort_runs(config, runs), steps, curves, None, out_dir,
+                           dict(performance or {}))
     results.statistics = study_statistics(results)
     return results
 
@@ -388,6 +443,7 @@ class MemoryCollector:
         self.runs: list[RunSummary] = []
         self.curves: dict = {}
         self.steps = np.zeros(0, dtype=np.int64)
+        self.performance: dict = {}
 
     def is_done(self, chunk_id: str) -> bool:
         """Whether a chunk is finished: never, in memory.
@@ -419,6 +475,9 @@ class MemoryCollector:
             result: its ``ChunkResult``.
         """
         self.runs += summarize(result, self.config)
+        record = performance_record(chunk_id, result)
+        if record is not None:
+            self.performance[chunk_id] = record
         self.steps = logged_steps(result.losses.shape[1], self.config.log_every)
         for i, key in enumerate(result.keys):
             self.curves[key] = (result.losses[i, self.steps - 1].astype(np.float64),
@@ -433,7 +492,8 @@ class MemoryCollector:
         Returns:
             The results.
         """
-        return _finish(self.config, self.problem, self.runs, self.steps, self.curves, None)
+        return _finish(self.config, self.problem, self.runs, self.steps, self.curves, None,
+                       self.performance)
 
 
 # ----------------------------------------------------------------------------- files
@@ -739,6 +799,13 @@ class StudyWriter:
             self.summary["complete"] = False
             write_summary(self.summary_path, self.summary)
             self.checkpoint_path(chunk_id).unlink(missing_ok=True)
+            record = performance_record(chunk_id, result)
+            if record is not None:
+                # timings, not results: written after them, plainly (no fsync, no rename), so a
+                # kill mid-write can cost the timings (read back as none), never a result
+                performance = read_performance(self.out)
+                performance[chunk_id] = record
+                (self.out / PERFORMANCE_FILE).write_text(json.dumps(performance, indent=1) + "\n")
 
     def finish(self, plots: bool = True) -> StudyResults:
         """Compute the statistics and draw the figures (:func:`finalize`).
@@ -750,6 +817,26 @@ class StudyWriter:
             The results.
         """
         return finalize(self.out, plots=plots)
+
+
+PERFORMANCE_FILE = "performance.json"
+
+
+def read_performance(out: Path) -> dict:
+    """The chunk records of ``out/performance.json`` ({} when missing or unreadable: timings are
+    informative, never part of the results).
+
+    Args:
+        out: the study's folder.
+
+    Returns:
+        Chunk id -> record.
+    """
+    try:
+        data = json.loads((Path(out) / PERFORMANCE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def finalize(out_dir: str | Path, *, plots: bool = True) -> StudyResults:
@@ -963,7 +1050,8 @@ def load_results(out_dir: str | Path) -> StudyResults:
             array = np.array(rows, dtype=np.float64)
             steps = array[:, 0].astype(np.int64)
             curves[key] = (array[:, 1], array[:, 2])
-    return _finish(config, summary.get("problem", ""), runs, steps, curves, out)
+    return _finish(config, summary.get("problem", ""), runs, steps, curves, out,
+                   read_performance(out))
 
 
 def merge_studies(out_dir: str | Path, parts: list[str | Path], config: StudyConfig, *,

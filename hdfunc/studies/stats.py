@@ -9,7 +9,14 @@ accuracy, iterations to a target loss; :data:`hdfunc.studies.config.METRICS`):
 * per HD optimizer and its base at the same α_0 (paired by seed — looked up by the seed, never by
   position — same initialisation, same minibatches): on how many seeds HD is better, the median
   difference, a one-sided Wilcoxon signed-rank test over the pairs where both are finite and an
-  exact sign test over all decided pairs.
+  exact sign test over all decided pairs;
+* per HD optimizer and every other optimizer of the study that is not its base (the peers:
+  torch.optim optimizers, Prodigy, D-Adaptation, Schedule-Free, DoG ...), the same paired test at
+  each one's best and at each one's worst setting of its own grid (α_0 or d_0, and β);
+* per optimizer, the sensitivity to its initial rate: the best and worst median over its grid,
+  their spread and how many settings come within 10 % of the best.
+The runs of one seed share initialisation and minibatches whichever path trained them (the
+vmapped rules or the loop over a ``torch.optim.Optimizer``).
 """
 
 from __future__ import annotations
@@ -130,7 +137,7 @@ def paired_comparisons(results: Any, metric: str = "final_loss") -> list[dict]:
         if not bases:
             continue
         base = next((s for s in bases if s.label == s.name), bases[0])
-        for lr0 in results.config.lr0:
+        for lr0 in results.config.lr0_for(hd):
             base_values = results.metric_values(metric, base.label, float(lr0))
             for beta in results.config.betas_for(hd):
                 hd_values = results.metric_values(metric, hd.label, float(lr0), beta)
@@ -187,6 +194,104 @@ def paired_test(hd: str, base: str, lr0: float, beta: float, hd_losses: np.ndarr
             "wilcoxon_p": wilcoxon_p, "sign_test_p": sign_p}
 
 
+def _settings(results: Any, spec: Any, metric: str) -> list[tuple[float, float, float]]:
+    """(lr0, beta, median of ``metric`` as badness: lower is better) per setting of ``spec``'s
+    grid that has runs, in grid order."""
+    flip = -1.0 if _higher_better(metric) else 1.0
+    out = []
+    for lr0 in results.config.lr0_for(spec):
+        for beta in results.config.betas_for(spec):
+            values = list(results.metric_values(metric, spec.label, float(lr0), beta).values())
+            if values:
+                out.append((float(lr0), beta, flip * float(np.median(values))))
+    return out
+
+
+def _best_worst(settings: list[tuple[float, float, float]]) -> dict:
+    """The first setting of lowest badness and the first of highest."""
+    order = [s[2] if not math.isnan(s[2]) else math.inf for s in settings]
+    return {"best": settings[int(np.argmin(order))], "worst": settings[int(np.argmax(order))]}
+
+
+def peer_comparisons(results: Any, metric: str = "final_loss") -> list[dict]:
+    """Each HD optimizer against each other optimizer of the study that is not HD and not its
+    base (its peers), paired by seed, at each one's **best** setting (the lowest median of
+    ``metric`` over its own grid: α_0 or d_0, and β) and at each one's **worst**.
+
+    Args:
+        results: a ``StudyResults``.
+        metric: a name of :data:`hdfunc.studies.config.METRICS`.
+
+    Returns:
+        One row of :func:`paired_test` per HD optimizer, peer and setting ("best", "worst"), with
+        ``setting``, ``base_lr0`` (the peer's grid value), ``metric``, ``paired_by`` and
+        ``seeds``; ``hd`` / ``base`` name the HD optimizer and the peer.
+    """
+    specs = results.config.optimizer_specs
+    higher = _higher_better(metric)
+    rows = []
+    for hd in (s for s in specs if s.is_hd):
+        hd_settings = _settings(results, hd, metric)
+        if not hd_settings:
+            continue
+        for peer in (s for s in specs if not s.is_hd and s.name != hd.base_name):
+            peer_settings = _settings(results, peer, metric)
+            if not peer_settings:
+                continue
+            ours, theirs = _best_worst(hd_settings), _best_worst(peer_settings)
+            for setting in ("best", "worst"):
+                lr0, beta, _ = ours[setting]
+                peer_lr0, peer_beta, _ = theirs[setting]
+                hd_values = results.metric_values(metric, hd.label, lr0, beta)
+                peer_values = results.metric_values(metric, peer.label, peer_lr0, peer_beta)
+                seeds = sorted(set(hd_values) & set(peer_values))
+                if not seeds:
+                    continue
+                row = paired_test(hd.label, peer.label, lr0, beta,
+                                  np.array([hd_values[s] for s in seeds]),
+                                  np.array([peer_values[s] for s in seeds]), higher_better=higher)
+                row.update(setting=setting, base_lr0=peer_lr0, metric=metric, paired_by="seed",
+                           seeds=seeds)
+                rows.append(row)
+    return rows
+
+
+def sensitivity(results: Any, metric: str = "final_loss") -> list[dict]:
+    """Per optimizer (and β): how much ``metric`` depends on the initial rate, over its grid
+    (α_0, or d_0 / reps_rel for the peers that expose those).
+
+    Args:
+        results: a ``StudyResults``.
+        metric: a name of :data:`hdfunc.studies.config.METRICS`.
+
+    Returns:
+        Rows with optimizer, beta, settings (grid points with runs), best_lr0, best (median),
+            worst_lr0, worst, spread (worst - best, in the metric's units; None when a setting
+            diverged: then ``spread_inf`` is True), near_best (settings whose median is within
+            10 % of the best) and diverged_settings (settings with a non-finite median).
+    """
+    flip = -1.0 if _higher_better(metric) else 1.0
+    rows = []
+    for spec in results.config.optimizer_specs:
+        for beta in results.config.betas_for(spec):
+            settings = [s for s in _settings(results, spec, metric) if s[1] == beta]
+            if not settings:
+                continue
+            ends = _best_worst(settings)
+            best, worst = ends["best"][2], ends["worst"][2]
+            near = sum(1 for s in settings
+                       if math.isfinite(best) and s[2] <= best + 0.1 * abs(best))
+            spread = worst - best
+            rows.append({"optimizer": spec.label, "beta": beta, "settings": len(settings),
+                         "best_lr0": ends["best"][0], "best": finite_or_none(flip * best),
+                         "worst_lr0": ends["worst"][0], "worst": finite_or_none(flip * worst),
+                         "spread": finite_or_none(spread),
+                         "spread_inf": not math.isfinite(spread) and not math.isnan(spread),
+                         "near_best": near,
+                         "diverged_settings": sum(1 for s in settings if not math.isfinite(s[2]))})
+    return rows
+
+
 def study_statistics(results: Any) -> dict:
     """All statistics of a study, as stored in its ``summary.json``.
 
@@ -196,10 +301,13 @@ def study_statistics(results: Any) -> dict:
     Returns:
         ``{"confidence", "metric" (the study's primary one), "final_loss": metric_table(...),
         "paired": paired_comparisons(...) of the final loss, "metrics": {name: {"table",
-        "paired"}} for every metric the study measured}``.
+        "paired", "peers" (:func:`peer_comparisons`), "sensitivity"}} for every metric the study
+        measured}``.
     """
     metrics = {name: {"table": metric_table(results, name),
-                      "paired": paired_comparisons(results, name)}
+                      "paired": paired_comparisons(results, name),
+                      "peers": peer_comparisons(results, name),
+                      "sensitivity": sensitivity(results, name)}
                for name in results.available_metrics()}
     return {"confidence": CONFIDENCE, "metric": results.config.metric,
             "final_loss": metrics["final_loss"]["table"],
@@ -208,6 +316,12 @@ def study_statistics(results: Any) -> dict:
 
 def _num(x: float | None, fmt: str = ".4g") -> str:
     return "-" if x is None else format(x, fmt)
+
+
+def _grid(x: float) -> str:
+    """A grid value as ``1e-02``, or ``2.5e-07`` where one digit would round it."""
+    short = f"{x:.0e}"
+    return short if float(short) == x else f"{x:.2g}" if 1e-3 <= abs(x) < 1e3 else f"{x:.1e}"
 
 
 def _value(row: dict, key: str, fmt: str = ".4g") -> str:
@@ -238,8 +352,11 @@ def format_table(statistics: dict, metric: str | None = None) -> str:
     """
     metric = metric or statistics.get("metric") or "final_loss"
     per_metric = statistics.get("metrics", {})
+    peers, spread = [], []
     if metric in per_metric:
         rows, paired = per_metric[metric]["table"], per_metric[metric]["paired"]
+        peers = per_metric[metric].get("peers", [])
+        spread = per_metric[metric].get("sensitivity", [])
     elif metric == "final_loss":
         rows, paired = statistics.get("final_loss", []), statistics.get("paired", [])
     else:
@@ -252,7 +369,7 @@ def format_table(statistics: dict, metric: str | None = None) -> str:
         lines.append(f"{'optimizer':<22} {'lr0':>8} {'beta':>8} {'n':>4} {'div':>4} "
                      f"{'median ' + title:>24}  {pct}% CI")
         for r in rows:
-            lines.append(f"{r['optimizer']:<22} {r['lr0']:>8.0e} {r['beta']:>8.0e} {r['n']:>4} "
+            lines.append(f"{r['optimizer']:<22} {_grid(r['lr0']):>8} {r['beta']:>8.0e} {r['n']:>4} "
                          f"{r['diverged']:>4} {_value(r, 'median'):>24}  "
                          f"[{_value(r, 'ci_low')}, {_value(r, 'ci_high')}]")
     if paired:
@@ -268,4 +385,53 @@ def format_table(statistics: dict, metric: str | None = None) -> str:
         lines.append(f"(paired by seed: the HD run and the base run of the same seed share "
                      f"initialisation and minibatches; {better}: seeds where HD is better; "
                      f"median Δ = HD - base; one-sided p-values)")
+    if peers:
+        better = "HD higher" if _higher_better(metric) else "HD lower"
+        lines.append("")
+        lines.append(f"{'HD vs peer (' + title + ')':<40} {'setting':>7} {'HD lr0':>8} "
+                     f"{'peer lr0':>8} {better:>9} {'median Δ':>11} {'Wilcoxon p':>11} "
+                     f"{'sign p':>9}")
+        for r in peers:
+            lines.append(f"{r['hd'] + ' vs ' + r['base']:<40} {r['setting']:>7} {_grid(r['lr0']):>8} "
+                         f"{_grid(r['base_lr0']):>8} {str(r['hd_better']) + '/' + str(r['n']):>9} "
+                         f"{_num(r['median_difference'], '.3g'):>11} "
+                         f"{_num(r['wilcoxon_p'], '.3g'):>11} {_num(r['sign_test_p'], '.3g'):>9}")
+        lines.append("(each at its own best / worst setting of its grid; paired by seed; "
+                     "median Δ = HD - peer; one-sided p-values, alternative: HD better)")
+    if spread and len({r["settings"] for r in spread} - {1}):
+        lines.append("")
+        lines.append(f"{'sensitivity (' + title + ')':<36} {'grid':>4} {'best at':>8} "
+                     f"{'best':>10} {'worst at':>8} {'worst':>10} {'spread':>10} {'≤10% off':>8}")
+        for r in spread:
+            worst = _num(r["worst"]) if r["worst"] is not None else "inf"
+            gap = "inf" if r["spread_inf"] else _num(r["spread"], ".3g")
+            lines.append(f"{r['optimizer']:<36} {r['settings']:>4} {_grid(r['best_lr0']):>8} "
+                         f"{_num(r['best']):>10} {_grid(r['worst_lr0']):>8} {worst:>10} {gap:>10} "
+                         f"{r['near_best']:>8}")
+        lines.append("(medians over seeds at each grid value; spread = worst - best; ≤10% off: "
+                     "grid values whose median is within 10 % of the best)")
     return "\n".join(lines) if lines else "(no finished runs)"
+
+
+def format_performance(rows: list[dict]) -> str:
+    """A text table of :func:`hdfunc.studies.results.performance_table`: per optimizer its path,
+    milliseconds per run-step, run-steps per second and optimizer-state memory per run.
+
+    Args:
+        rows: the rows.
+
+    Returns:
+        The table ("" when nothing was timed).
+    """
+    if not rows:
+        return ""
+    lines = [f"{'throughput':<36} {'path':>5} {'run-steps':>10} {'seconds':>9} "
+             f"{'ms/run-step':>12} {'run-steps/s':>12} {'state KiB/run':>14}"]
+    for r in rows:
+        lines.append(f"{r['optimizer']:<36} {r['path']:>5} {r['run_steps']:>10} "
+                     f"{r['seconds']:>9.1f} {_num(r['ms_per_run_step'], '.3g'):>12} "
+                     f"{_num(r['run_steps_per_second'], '.4g'):>12} "
+                     f"{r['state_bytes'] / 1024:>14.1f}")
+    lines.append("(vmap: all runs of a chunk in one vmapped step; loop: a torch.optim optimizer, "
+                 "run after run; state: the optimizer's tensors for one run)")
+    return "\n".join(lines)
