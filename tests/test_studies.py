@@ -322,6 +322,24 @@ def test_refuses_to_overwrite_or_resume_a_different_study(tmp_path):
     assert len(again.runs) == 1
 
 
+def test_cpu_chunks_keep_the_stacked_parameters_small(monkeypatch):
+    """On a CPU a chunk holds at most CPU_CHUNK_PARAMETER_BYTES of stacked parameters (the vmapped
+    step slows down past it); on other devices only the memory bounds it."""
+    from hdfunc.studies import engine
+    config = tiny_config(optimizers=["sgd_hd"], seeds=list(range(8)), lr0=[1e-2], beta=[1e-3])
+    problem = make_problem(config.problem, **config.problem_options)
+    assert engine.choose_chunk_size(config, problem, torch.device("cpu")) == 8  # all fit
+    per_run = 4 * problem.num_parameters()
+    monkeypatch.setattr(engine, "CPU_CHUNK_PARAMETER_BYTES", 3 * per_run + 1)
+    assert engine.choose_chunk_size(config, problem, torch.device("cpu")) == 3
+    monkeypatch.setattr(engine, "CPU_CHUNK_PARAMETER_BYTES", 1)
+    assert engine.choose_chunk_size(config, problem, torch.device("cpu")) == 1
+    monkeypatch.setattr(engine, "available_memory", lambda device: 1 << 40)
+    assert engine.choose_chunk_size(config, problem, torch.device("meta")) == 8
+    assert engine.choose_chunk_size(dataclasses.replace(config, chunk_size=5), problem,
+                                    torch.device("cpu")) == 5  # an explicit chunk size wins
+
+
 def test_chunks_fit_the_memory_budget_and_change_nothing(monkeypatch):
     """With room for 2.5 runs the engine trains chunks of 2; results equal one big chunk."""
     from hdfunc.studies import engine

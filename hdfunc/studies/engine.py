@@ -584,8 +584,19 @@ class BatchedTrainer:
 # ----------------------------------------------------------------------------- whole studies
 
 
+# On a CPU, a chunk's stacked parameters stay under this size: past it every parameter-sized
+# intermediate of the vmapped step is a fresh allocation of hundreds of MB (page faults, no cache
+# reuse). The paper's MLP (1.8 M parameters, float32), 10 steps of Adam at 1 thread: 57-59 ms per
+# run-step at chunks of 1, 4 and 8 runs (≤ 58 MB), 82 ms at 16 (115 MB), 104 ms at 32 (230 MB);
+# the training is bit-identical at every chunk size (docs/benchmarks-studies.md, "Chunk size on a
+# CPU"; evaluations, batched by chunk, agree to float rounding).
+CPU_CHUNK_PARAMETER_BYTES = 64 << 20
+
+
 def choose_chunk_size(config: StudyConfig, problem: Problem, device: torch.device) -> int:
-    """The most runs of any optimizer that fit the device's memory (at least 1).
+    """The most runs of any optimizer that fit the device's memory (at least 1); on a CPU, also
+    at most as many as keep the chunk's stacked parameters under
+    :data:`CPU_CHUNK_PARAMETER_BYTES`.
 
     Args:
         config: the study (its ``chunk_size``, if set, is returned as it is).
@@ -603,7 +614,10 @@ def choose_chunk_size(config: StudyConfig, problem: Problem, device: torch.devic
                    for spec in config.optimizer_specs if not spec.is_torch), default=1)
     runs_per_optimizer = len(config.seed_list) * max(
         len(config.lr0_for(s)) * len(config.betas_for(s)) for s in config.optimizer_specs)
-    return max(1, min(runs_per_optimizer, available_memory(device) // largest))
+    chunk = max(1, min(runs_per_optimizer, available_memory(device) // largest))
+    if device.type == "cpu":
+        chunk = min(chunk, max(1, CPU_CHUNK_PARAMETER_BYTES // (problem.num_parameters() * element)))
+    return chunk
 
 
 def study_problem(config: StudyConfig, problem: Problem | None = None) -> Problem:
