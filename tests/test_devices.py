@@ -188,3 +188,31 @@ def test_gpu_check_script_stops_at_once_without_cuda():
                           env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
     assert done.returncode == 2
     assert "no CUDA device visible to torch" in done.stderr and "nothing was run" in done.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("name", CLASS_RULES)
+def test_optimizer_step_on_cuda_does_not_synchronise(name):
+    """With its CUDA defaults (fused kernel, ``lr_as_tensor``: γ_t left in ``lr`` as a 0-d
+    tensor), a step of each optimizer class makes no host-device synchronisation: torch raises
+    under ``set_sync_debug_mode("error")`` if one does (docs/optim.md, "lr as a tensor")."""
+    info = hdfunc.rule_info(name)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
+                                torch.nn.Linear(7, 1)).cuda()
+    x, y = torch.randn(40, 5, device="cuda"), torch.randn(40, 1, device="cuda")
+    optimizer = info.optimizer_class()(model.parameters(), **info.optimizer_options,
+                                       lr=0.02, hypergrad_lr=1e-3, **info.example)
+    for step in range(4):
+        optimizer.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        if step == 0:
+            optimizer.step()  # the first step allocates the state
+            continue
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            optimizer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
+    assert optimizer.param_groups[0]["lr"].device.type == "cuda"
