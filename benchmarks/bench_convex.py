@@ -652,18 +652,26 @@ COLORS = {"gd": "#1f77b4", "sgd_hd": "#ff7f0e", "sgd_hd_mul": "#d62728", "hb": "
           "hb_hd": "#9467bd", "adam": "#8c564b", "adam_hd": "#e377c2", "lbfgs": "#000000"}
 
 
-def plot_convergence(results: list[dict], curves: dict, methods: list[str], budget: int,
-                     path: Path) -> None:
+def _panel_grid(n: int, panel_height: float):
+    """pyplot (Agg), a figure and its axes: one panel per problem, up to 3 to a row (the unused
+    panels of the last row hidden)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(results)
     cols = min(3, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.6 * rows), dpi=110,
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, panel_height * rows), dpi=110,
                              squeeze=False)
+    for ax in list(axes.flat)[n:]:  # the last row's unused panels
+        ax.axis("off")
+    return plt, fig, axes
+
+
+def plot_convergence(results: list[dict], curves: dict, methods: list[str], budget: int,
+                     path: Path) -> None:
+    plt, fig, axes = _panel_grid(len(results), panel_height=4.6)
     for ax, res in zip(axes.flat, results):
         for m in methods:
             c = curves[res["problem"]][m].clamp(min=1e-12)  # (budget, K) best so far
@@ -688,8 +696,6 @@ def plot_convergence(results: list[dict], curves: dict, methods: list[str], budg
         ax.set_xlabel("gradient evaluations")
         ax.set_ylabel("best relative suboptimality")
         ax.grid(alpha=0.3, which="both", lw=0.5)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=11,
                frameon=False)
@@ -704,16 +710,7 @@ def plot_sensitivity(results: list[dict], path: Path) -> None:
     """Median evaluations to the target on the tuning instances against the (initial) step
     size in units of 1/L̂: GD, SGD-HD additive (best β̃ per α_0) and multiplicative (best β'),
     heavy ball (best μ per α), HB-HD (best μ_0 and β' per α_0); not reached: 2 × budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(results)
-    cols = min(3, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.4 * rows), dpi=110,
-                             squeeze=False)
+    plt, fig, axes = _panel_grid(len(results), panel_height=4.4)
     series = [("gd", "lr_times_L", None, "GD"),
               ("sgd_hd", "lr0_times_L", "beta_tilde", "SGD-HD add. (best β̃)"),
               ("sgd_hd_mul", "lr0_times_L", "beta_prime", "SGD-HD mult. (best β')"),
@@ -740,8 +737,6 @@ def plot_sensitivity(results: list[dict], path: Path) -> None:
         ax.set_xlabel("(initial) step size × L̂")
         ax.set_ylabel("evaluations to 1e-6 (2× budget: not reached)")
         ax.grid(alpha=0.3, which="both", lw=0.5)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=11, frameon=False)
     fig.suptitle("Sensitivity to the (initial) step size, tuning instances (dashed: budget)",

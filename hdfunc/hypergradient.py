@@ -537,6 +537,14 @@ def find_lr_state(state: Any) -> HDState | LRState | Any:
     return None
 
 
+def _required_lr_state(state: Any) -> HDState | LRState | Any:
+    """:func:`find_lr_state`, raising TypeError where the state holds no learning rate."""
+    node = find_lr_state(state)
+    if node is None:
+        raise TypeError(f"no learning rate found in a state of type {type(state).__name__}")
+    return node
+
+
 def _replace_node(state: Any, old: Any, new: Any) -> Any:
     if state is old:
         return new
@@ -560,9 +568,7 @@ def replace_lr_state(state: Any, **changes: Any) -> Any:
     Raises:
         TypeError: ``state`` holds no learning rate.
     """
-    node = find_lr_state(state)
-    if node is None:
-        raise TypeError(f"no learning rate found in a state of type {type(state).__name__}")
+    node = _required_lr_state(state)
     return _replace_node(state, node, node._replace(**changes))
 
 
@@ -581,9 +587,7 @@ def get_lr(state: Any) -> PyTree:
     Raises:
         TypeError: ``state`` holds no learning rate.
     """
-    node = find_lr_state(state)
-    if node is None:
-        raise TypeError(f"no learning rate found in a state of type {type(state).__name__}")
+    node = _required_lr_state(state)
     return node.lr
 
 
@@ -600,9 +604,7 @@ def get_applied_lr(state: Any) -> PyTree:
     Raises:
         TypeError: ``state`` holds no learning rate.
     """
-    node = find_lr_state(state)
-    if node is None:
-        raise TypeError(f"no learning rate found in a state of type {type(state).__name__}")
+    node = _required_lr_state(state)
     return node.applied_lr if "applied_lr" in node._fields else node.lr
 
 
@@ -623,9 +625,7 @@ def freeze_lr(state: Any, lr: PyTree) -> Any:
     Raises:
         TypeError: ``state`` holds no learning rate.
     """
-    node = find_lr_state(state)
-    if node is None:
-        raise TypeError(f"no learning rate found in a state of type {type(state).__name__}")
+    node = _required_lr_state(state)
     changes: dict[str, Any] = {"lr": lr}
     fields = node._fields
     if "hypergrad_lr" in fields:

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 from torch.func import grad
 from torch.optim import lr_scheduler
@@ -109,3 +113,12 @@ def init_gloo(rank: int, port: int, world: int) -> None:
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def spawn(worker: Callable, args: tuple, nprocs: int) -> None:
+    """``mp.spawn`` of a test module's ``worker`` (called as ``worker(rank, *args)``), with the
+    tests folder on ``sys.path``: the child processes import the worker's module by name."""
+    tests_dir = str(Path(__file__).resolve().parent)
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    mp.spawn(worker, args=args, nprocs=nprocs, join=True)

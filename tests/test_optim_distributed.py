@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import copy
 import functools
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from helpers import free_port, init_gloo
+from helpers import free_port, init_gloo, spawn
 from hdfunc.optim import SGDHD, AdamHD
 
 pytestmark = pytest.mark.distributed
@@ -149,11 +147,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("hd_dist")
-    # the child processes import this module by name
-    tests_dir = str(Path(__file__).resolve().parent)
-    if tests_dir not in sys.path:
-        sys.path.insert(0, tests_dir)
-    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    spawn(_worker, (free_port(), str(out_dir)), WORLD)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -13,17 +13,15 @@ single-process rule too.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import hdfunc
-from helpers import free_port, init_gloo
+from helpers import free_port, init_gloo, spawn
 from hdfunc.optim import SGDHD, SGDNHD, AdamHD, AdamWHD
 
 pytestmark = pytest.mark.distributed
@@ -216,13 +214,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, checkpoint: str) -> 
 def fsdp_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("hd_fsdp")
     checkpoint = str(out_dir / "checkpoint")
-    tests_dir = str(Path(__file__).resolve().parent)  # the children import this module by name
-    if tests_dir not in sys.path:
-        sys.path.insert(0, tests_dir)
     results = {}
     for world in (2, 4):  # 2 first: it writes the checkpoint the 4-rank run loads
-        mp.spawn(_worker, args=(world, free_port(), str(out_dir), checkpoint), nprocs=world,
-                 join=True)
+        spawn(_worker, (world, free_port(), str(out_dir), checkpoint), world)
         results[world] = [torch.load(out_dir / f"world{world}_rank{r}.pt", weights_only=False)
                           for r in range(world)]
     return results

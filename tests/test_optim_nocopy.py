@@ -11,19 +11,17 @@ gradient's storage before the next step. Each way of reusing it is run for many 
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.func import functional_call, grad
 
 from hdfunc.optim import SGDHD
-from helpers import free_port, init_gloo, tanh_regression
+from helpers import free_port, init_gloo, spawn, tanh_regression
 
 STEPS = 30
 LR, BETA, MU = 1e-2, 1e-2, 0.9
@@ -354,10 +352,7 @@ def test_ddp_gradient_as_bucket_view_matches_the_oracle(tmp_path):
     """DDP with gradient_as_bucket_view=True (gradients are views of buckets that the next
     backward overwrites in place), 2 gloo processes, each half of the batch: the trajectory is
     the single-process oracle's over the whole batch, with and without set_to_none."""
-    tests_dir = str(Path(__file__).resolve().parent)
-    if tests_dir not in sys.path:  # the child processes import this module by name
-        sys.path.insert(0, tests_dir)
-    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_ddp_worker, (free_port(), str(tmp_path)), WORLD)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for nesterov in (False, True):
         theta, alpha = oracle(*problem(), STEPS, nesterov=nesterov)

@@ -230,6 +230,19 @@ def vgg(config: str = "vgg16", width_divisor: int = 1, num_classes: int = 10) ->
 # ----------------------------------------------------------------------------- problems
 
 
+def _mnist_problem(name: str, widths: list[int], title: str, options: dict,
+                   data_dir: str | None, split: str, limit: int | None, download: bool) -> Problem:
+    """An :func:`mlp` of ``widths`` with cross-entropy on MNIST (the problem ``name``, described
+    as ``title`` on the data; ``options`` and the data arguments are its recorded options), with
+    the test split held out where :func:`_with_test_split` says."""
+    dataset = _limited(datasets.load_mnist(data_dir, split, download), limit)
+    return _with_test_split(
+        Problem(name, lambda: mlp(widths), _cross_entropy, dataset.inputs, dataset.labels,
+                f"{title} on {dataset.description}",
+                {**options, "data_dir": data_dir, "split": split, "limit": limit}),
+        dataset, lambda: datasets.load_mnist(data_dir, "test", False), split == "auto")
+
+
 def logreg(data_dir: str | None = None, split: str = "auto", limit: int | None = None,
            download: bool = False) -> Problem:
     """Multinomial logistic regression on MNIST, 784 → 10 (paper §4.1).
@@ -247,12 +260,8 @@ def logreg(data_dir: str | None = None, split: str = "auto", limit: int | None =
         hdfunc.studies.data.DatasetError: the MNIST files are missing or unreadable.
         ValueError: a bad ``split`` or ``limit``.
     """
-    dataset = _limited(datasets.load_mnist(data_dir, split, download), limit)
-    return _with_test_split(
-        Problem("logreg", lambda: mlp([784, 10]), _cross_entropy, dataset.inputs,
-                dataset.labels, f"logistic regression on {dataset.description}",
-                {"data_dir": data_dir, "split": split, "limit": limit}),
-        dataset, lambda: datasets.load_mnist(data_dir, "test", False), split == "auto")
+    return _mnist_problem("logreg", [784, 10], "logistic regression", {}, data_dir, split, limit,
+                          download)
 
 
 def mnist_mlp(hidden: int = 1000, data_dir: str | None = None, split: str = "auto",
@@ -274,12 +283,8 @@ def mnist_mlp(hidden: int = 1000, data_dir: str | None = None, split: str = "aut
         ValueError: a bad ``hidden``, ``split`` or ``limit``.
     """
     _positive("hidden", hidden)
-    dataset = _limited(datasets.load_mnist(data_dir, split, download), limit)
-    return _with_test_split(
-        Problem("mlp", lambda: mlp([784, hidden, hidden, 10]), _cross_entropy, dataset.inputs,
-                dataset.labels, f"MLP 784-{hidden}-{hidden}-10 (ReLU) on {dataset.description}",
-                {"hidden": hidden, "data_dir": data_dir, "split": split, "limit": limit}),
-        dataset, lambda: datasets.load_mnist(data_dir, "test", False), split == "auto")
+    return _mnist_problem("mlp", [784, hidden, hidden, 10], f"MLP 784-{hidden}-{hidden}-10 (ReLU)",
+                          {"hidden": hidden}, data_dir, split, limit, download)
 
 
 def cifar_vgg(config: str = "vgg16", width_divisor: int = 1, data_dir: str | None = None,

@@ -331,6 +331,18 @@ def _value(row: dict, key: str, fmt: str = ".4g") -> str:
     return "inf" if inf is True or inf == 1 else "-inf" if inf == -1 else "-"
 
 
+
+def _test_header(better: str) -> str:
+    """The headings of a paired test's columns (:func:`_test_columns`)."""
+    return f"{better:>9} {'median Δ':>11} {'Wilcoxon p':>11} {'sign p':>9}"
+
+
+def _test_columns(row: dict) -> str:
+    """A paired test's columns: seeds where HD is better of n, median Δ, the two p-values."""
+    return (f"{str(row['hd_better']) + '/' + str(row['n']):>9} "
+            f"{_num(row['median_difference'], '.3g'):>11} {_num(row['wilcoxon_p'], '.3g'):>11} "
+            f"{_num(row['sign_test_p'], '.3g'):>9}")
+
 METRIC_TITLES = {"final_loss": "final train loss", "epoch_loss": "last-epoch loss",
                  "val_loss": "validation loss", "val_accuracy": "val accuracy",
                  "best_val_loss": "best val loss", "iterations_to_target": "iters to target"}
@@ -375,13 +387,11 @@ def format_table(statistics: dict, metric: str | None = None) -> str:
     if paired:
         better = "HD higher" if _higher_better(metric) else "HD lower"
         lines.append("")
-        lines.append(f"{'HD vs base (' + title + ')':<36} {'lr0':>8} {'beta':>8} {better:>9} "
-                     f"{'median Δ':>11} {'Wilcoxon p':>11} {'sign p':>9}")
+        lines.append(f"{'HD vs base (' + title + ')':<36} {'lr0':>8} {'beta':>8} "
+                     + _test_header(better))
         for r in paired:
             lines.append(f"{r['hd'] + ' vs ' + r['base']:<36} {r['lr0']:>8.0e} {r['beta']:>8.0e} "
-                         f"{str(r['hd_better']) + '/' + str(r['n']):>9} "
-                         f"{_num(r['median_difference'], '.3g'):>11} {_num(r['wilcoxon_p'], '.3g'):>11} "
-                         f"{_num(r['sign_test_p'], '.3g'):>9}")
+                         + _test_columns(r))
         lines.append(f"(paired by seed: the HD run and the base run of the same seed share "
                      f"initialisation and minibatches; {better}: seeds where HD is better; "
                      f"median Δ = HD - base; one-sided p-values)")
@@ -389,13 +399,10 @@ def format_table(statistics: dict, metric: str | None = None) -> str:
         better = "HD higher" if _higher_better(metric) else "HD lower"
         lines.append("")
         lines.append(f"{'HD vs peer (' + title + ')':<40} {'setting':>7} {'HD lr0':>8} "
-                     f"{'peer lr0':>8} {better:>9} {'median Δ':>11} {'Wilcoxon p':>11} "
-                     f"{'sign p':>9}")
+                     f"{'peer lr0':>8} " + _test_header(better))
         for r in peers:
             lines.append(f"{r['hd'] + ' vs ' + r['base']:<40} {r['setting']:>7} {_grid(r['lr0']):>8} "
-                         f"{_grid(r['base_lr0']):>8} {str(r['hd_better']) + '/' + str(r['n']):>9} "
-                         f"{_num(r['median_difference'], '.3g'):>11} "
-                         f"{_num(r['wilcoxon_p'], '.3g'):>11} {_num(r['sign_test_p'], '.3g'):>9}")
+                         f"{_grid(r['base_lr0']):>8} " + _test_columns(r))
         lines.append("(each at its own best / worst setting of its grid; paired by seed; "
                      "median Δ = HD - peer; one-sided p-values, alternative: HD better)")
     if spread and len({r["settings"] for r in spread} - {1}):
