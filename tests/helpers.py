@@ -3,9 +3,12 @@ a step loop, the torch LR scheduler families, and the set-up of gloo test proces
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
+import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -115,10 +118,53 @@ def init_gloo(rank: int, port: int, world: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
-def spawn(worker: Callable, args: tuple, nprocs: int) -> None:
+def run_in_gloo_group(rank: int, port: int, world: int, body: Callable[[int], object],
+                      out_file: Path | str) -> None:
+    """In a spawned test process: join the gloo group, run ``body(rank)``, save what it returns to
+    ``out_file`` once every rank is done, and end the process without tearing the group down.
+
+    torch 2.13 can deadlock in that teardown: ``~ProcessGroupGloo`` joins its work thread while
+    holding the GIL, and the work thread may be releasing a finished collective whose
+    thread-local state holds a Python object (it waits for the GIL). It was seen here once in
+    about 8 runs of a DDP test (main thread in ``Reducer`` dealloc -> ``~ProcessGroupGloo`` ->
+    ``thread::join``; ``pt_gloo_runloop`` in ``~AsyncAllreduceWork`` -> ``take_gil``) and hung a CI
+    run. So the body's objects (DDP reducers, FSDP modules) are freed while the group is alive,
+    the ranks meet at a barrier, and the process leaves with ``os._exit``: no destructor runs.
+    A failure prints its traceback and exits with status 1, which ``spawn`` reports."""
+    try:
+        init_gloo(rank, port, world)
+        results = body(rank)
+        gc.collect()
+        dist.barrier()
+        torch.save(results, out_file)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+SPAWN_DEADLINE_S = 600.0
+
+
+def spawn(worker: Callable, args: tuple, nprocs: int,
+          deadline_s: float = SPAWN_DEADLINE_S) -> None:
     """``mp.spawn`` of a test module's ``worker`` (called as ``worker(rank, *args)``), with the
-    tests folder on ``sys.path``: the child processes import the worker's module by name."""
+    tests folder on ``sys.path`` (the child processes import the worker's module by name) and a
+    deadline: processes still running after ``deadline_s`` are killed and the test fails with
+    ``TimeoutError`` instead of hanging the test run."""
     tests_dir = str(Path(__file__).resolve().parent)
     if tests_dir not in sys.path:
         sys.path.insert(0, tests_dir)
-    mp.spawn(worker, args=args, nprocs=nprocs, join=True)
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False,
+                                 start_method="spawn")
+    started = time.monotonic()
+    while not context.join(timeout=1.0):
+        if time.monotonic() - started > deadline_s:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            raise TimeoutError(f"{worker.__name__}: {nprocs} processes still running after "
+                               f"{deadline_s:.0f} s; killed")

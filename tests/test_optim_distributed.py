@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from helpers import free_port, init_gloo, spawn
+from helpers import free_port, run_in_gloo_group, spawn
 from hdfunc.optim import SGDHD, AdamHD
 
 pytestmark = pytest.mark.distributed
@@ -57,91 +57,91 @@ def _single_process(name: str):
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    init_gloo(rank, port, WORLD)
+    run_in_gloo_group(rank, port, WORLD, _train, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _train(rank: int) -> dict:
     results = {}
-    try:
-        for name, (cls, kwargs) in OPTIMIZERS.items():
-            # DDP: each rank a half of the batch; gradients averaged by DDP.
+    for name, (cls, kwargs) in OPTIMIZERS.items():
+        # DDP: each rank a half of the batch; gradients averaged by DDP.
+        model, x, y = _problem()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        optimizer = cls(ddp.parameters(), **kwargs)
+        half = slice(rank * 32, (rank + 1) * 32)
+        for _ in range(STEPS):
+            optimizer.zero_grad()
+            ((ddp(x[half]) - y[half]) ** 2).mean().backward()
+            optimizer.step()
+        results[f"ddp/{name}"] = ([p.detach().clone() for p in model.parameters()],
+                                  optimizer.adapted_lrs()[0])
+
+        # torch's ZeroRedundancyOptimizer over DDP: it shards the params over the ranks and
+        # builds the HD optimizer on each rank's shard.
+        model, x, y = _problem()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        zero = ZeroRedundancyOptimizer(
+            ddp.parameters(),
+            optimizer_class=functools.partial(cls, process_group=dist.group.WORLD), **kwargs)
+        for _ in range(STEPS):
+            zero.zero_grad()
+            ((ddp(x[half]) - y[half]) ** 2).mean().backward()
+            zero.step()
+        owned = sum(len(g["params"]) for g in zero.optim.param_groups)
+        results[f"zero/{name}"] = ([p.detach().clone() for p in model.parameters()],
+                                   zero.optim.adapted_lrs()[0], owned)
+
+        # ZeRO's checkpoint: consolidated on rank 0 (ZeRO gathers the local state dicts and
+        # keeps the HD rate state of its own param groups), loaded into a fresh ZeRO on
+        # every rank: the next steps equal the uninterrupted run's.
+        zero.consolidate_state_dict(to=0)
+        saved = [zero.state_dict() if rank == 0 else None]
+        dist.broadcast_object_list(saved, src=0)
+        resumed_model, _, _ = _problem()
+        resumed_model.load_state_dict(model.state_dict())
+        resumed_ddp = nn.parallel.DistributedDataParallel(resumed_model)
+        resumed = ZeroRedundancyOptimizer(
+            resumed_ddp.parameters(),
+            optimizer_class=functools.partial(cls, process_group=dist.group.WORLD), **kwargs)
+        # (a copy, as torch.load gives: on rank 0 the consolidated state dict shares the
+        # moment tensors of the running optimizer, which its next steps change in place)
+        resumed.load_state_dict(copy.deepcopy(saved[0]))
+        for net, opt in ((ddp, zero), (resumed_ddp, resumed)):
+            for _ in range(2):
+                opt.zero_grad()
+                ((net(x[half]) - y[half]) ** 2).mean().backward()
+                opt.step()
+        results[f"zero_resumed/{name}"] = (
+            all(torch.equal(a, b) for a, b in zip(model.parameters(),
+                                                  resumed_model.parameters())),
+            all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                for a, b in zip(zero.optim.param_groups[0]["hd_state"],
+                                resumed.optim.param_groups[0]["hd_state"])),
+            type(resumed.optim.param_groups[0]["hd_state"]).__name__)
+
+        # ZeRO-style: rank r owns params r, r+2, ...; grads all-reduced by hand, each rank
+        # steps its own shard, then owners broadcast their params.
+        for reduce in (True, False):
             model, x, y = _problem()
-            ddp = nn.parallel.DistributedDataParallel(model)
-            optimizer = cls(ddp.parameters(), **kwargs)
-            half = slice(rank * 32, (rank + 1) * 32)
+            params = list(model.parameters())
+            owner = [i % WORLD for i in range(len(params))]
+            mine = [p for p, o in zip(params, owner) if o == rank]
+            optimizer = cls(mine, process_group=dist.group.WORLD if reduce else None,
+                            **kwargs)
             for _ in range(STEPS):
                 optimizer.zero_grad()
-                ((ddp(x[half]) - y[half]) ** 2).mean().backward()
+                for p in params:
+                    p.grad = None
+                ((model(x[half]) - y[half]) ** 2).mean().backward()
+                for p in params:
+                    dist.all_reduce(p.grad)
+                    p.grad /= WORLD
                 optimizer.step()
-            results[f"ddp/{name}"] = ([p.detach().clone() for p in model.parameters()],
-                                      optimizer.adapted_lrs()[0])
-
-            # torch's ZeroRedundancyOptimizer over DDP: it shards the params over the ranks and
-            # builds the HD optimizer on each rank's shard.
-            model, x, y = _problem()
-            ddp = nn.parallel.DistributedDataParallel(model)
-            zero = ZeroRedundancyOptimizer(
-                ddp.parameters(),
-                optimizer_class=functools.partial(cls, process_group=dist.group.WORLD), **kwargs)
-            for _ in range(STEPS):
-                zero.zero_grad()
-                ((ddp(x[half]) - y[half]) ** 2).mean().backward()
-                zero.step()
-            owned = sum(len(g["params"]) for g in zero.optim.param_groups)
-            results[f"zero/{name}"] = ([p.detach().clone() for p in model.parameters()],
-                                       zero.optim.adapted_lrs()[0], owned)
-
-            # ZeRO's checkpoint: consolidated on rank 0 (ZeRO gathers the local state dicts and
-            # keeps the HD rate state of its own param groups), loaded into a fresh ZeRO on
-            # every rank: the next steps equal the uninterrupted run's.
-            zero.consolidate_state_dict(to=0)
-            saved = [zero.state_dict() if rank == 0 else None]
-            dist.broadcast_object_list(saved, src=0)
-            resumed_model, _, _ = _problem()
-            resumed_model.load_state_dict(model.state_dict())
-            resumed_ddp = nn.parallel.DistributedDataParallel(resumed_model)
-            resumed = ZeroRedundancyOptimizer(
-                resumed_ddp.parameters(),
-                optimizer_class=functools.partial(cls, process_group=dist.group.WORLD), **kwargs)
-            # (a copy, as torch.load gives: on rank 0 the consolidated state dict shares the
-            # moment tensors of the running optimizer, which its next steps change in place)
-            resumed.load_state_dict(copy.deepcopy(saved[0]))
-            for net, opt in ((ddp, zero), (resumed_ddp, resumed)):
-                for _ in range(2):
-                    opt.zero_grad()
-                    ((net(x[half]) - y[half]) ** 2).mean().backward()
-                    opt.step()
-            results[f"zero_resumed/{name}"] = (
-                all(torch.equal(a, b) for a, b in zip(model.parameters(),
-                                                      resumed_model.parameters())),
-                all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-                    for a, b in zip(zero.optim.param_groups[0]["hd_state"],
-                                    resumed.optim.param_groups[0]["hd_state"])),
-                type(resumed.optim.param_groups[0]["hd_state"]).__name__)
-
-            # ZeRO-style: rank r owns params r, r+2, ...; grads all-reduced by hand, each rank
-            # steps its own shard, then owners broadcast their params.
-            for reduce in (True, False):
-                model, x, y = _problem()
-                params = list(model.parameters())
-                owner = [i % WORLD for i in range(len(params))]
-                mine = [p for p, o in zip(params, owner) if o == rank]
-                optimizer = cls(mine, process_group=dist.group.WORLD if reduce else None,
-                                **kwargs)
-                for _ in range(STEPS):
-                    optimizer.zero_grad()
-                    for p in params:
-                        p.grad = None
-                    ((model(x[half]) - y[half]) ** 2).mean().backward()
-                    for p in params:
-                        dist.all_reduce(p.grad)
-                        p.grad /= WORLD
-                    optimizer.step()
-                    with torch.no_grad():
-                        for p, o in zip(params, owner):
-                            dist.broadcast(p, src=o)
-                key = f"sharded/{name}" if reduce else f"sharded_local/{name}"
-                results[key] = ([p.detach().clone() for p in params], optimizer.adapted_lrs()[0])
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+                with torch.no_grad():
+                    for p, o in zip(params, owner):
+                        dist.broadcast(p, src=o)
+            key = f"sharded/{name}" if reduce else f"sharded_local/{name}"
+            results[key] = ([p.detach().clone() for p in params], optimizer.adapted_lrs()[0])
+    return results
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,15 @@ single-process rule too.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import hdfunc
-from helpers import free_port, init_gloo, spawn
+from helpers import free_port, run_in_gloo_group, spawn
 from hdfunc.optim import SGDHD, SGDNHD, AdamHD, AdamWHD
 
 pytestmark = pytest.mark.distributed
@@ -129,6 +129,12 @@ def functional_problem():
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, checkpoint: str) -> None:
+    run_in_gloo_group(rank, port, world,
+                      functools.partial(_train, world=world, checkpoint=checkpoint),
+                      Path(out_dir) / f"world{world}_rank{rank}.pt")
+
+
+def _train(rank: int, world: int, checkpoint: str) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                          get_optimizer_state_dict,
@@ -136,78 +142,74 @@ def _worker(rank: int, world: int, port: int, out_dir: str, checkpoint: str) -> 
                                                          set_optimizer_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
 
-    init_gloo(rank, port, world)
     results = {}
-    try:
-        meshes = {"1d": init_device_mesh("cpu", (world,))}
-        if world == 4:
-            meshes["hsdp"] = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-        for mesh_name, mesh in meshes.items():
-            # this rank's slice of the batch (HSDP: its slice over both mesh dimensions)
-            part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-            for kind in ("mlp", "block"):
-                for name, (cls, kwargs) in OPTIMIZERS.items():
-                    if mesh_name == "hsdp" and kind == "block" and name != "adam_hd":
-                        continue
-                    model = shard(build(kind), mesh)
-                    x, y = data(kind)
-                    optimizer = cls(model.parameters(), **kwargs)
-                    counts = train(model, optimizer, x[part], y[part], STEPS)
-                    results[f"{mesh_name}/{kind}/{name}"] = (
-                        [p.full_tensor().detach().clone() for p in model.parameters()],
-                        optimizer.adapted_lrs()[0], counts)
-
-        # the functional rules on DTensor parameters (two sharded tensors and a replicated one)
-        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-        from torch.distributed.tensor.debug import CommDebugMode
-
-        mesh = meshes["1d"]
-        start, loss = functional_problem()
-        placements = {"w1": [Shard(0)], "w2": [Shard(1)], "b": [Replicate()]}
-        for name in FUNCTIONAL:
-            rule = FUNCTIONAL[name]()
-            params = {k: distribute_tensor(v, mesh, placements[k]) for k, v in start.items()}
-            state = rule.init(params)
-            counts = []
-            for _ in range(STEPS):
-                full = {k: v.full_tensor() for k, v in params.items()}
-                grads = {k: distribute_tensor(g, mesh, placements[k])
-                         for k, g in torch.func.grad(loss)(full).items()}
-                with CommDebugMode() as comm:
-                    updates, state = rule.update(grads, state, params)
-                counts.append(sum(comm.get_comm_counts().values()))
-                params = hdfunc.apply_updates(params, updates)
-            lr = hdfunc.get_lr(state)
-            results[f"functional/{name}"] = (
-                {k: v.full_tensor() for k, v in params.items()},
-                lr.full_tensor() if hasattr(lr, "full_tensor") else lr, counts)
-
-        # DCP: written on 2 ranks after 2 steps; continued there and, in the 4-rank run, loaded
-        # into a fresh sharded model and optimizer (resharded) and continued
-        cls, kwargs = OPTIMIZERS["adam_hd"]
+    meshes = {"1d": init_device_mesh("cpu", (world,))}
+    if world == 4:
+        meshes["hsdp"] = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    for mesh_name, mesh in meshes.items():
+        # this rank's slice of the batch (HSDP: its slice over both mesh dimensions)
         part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-        x, y = data("mlp")
-        if world == 2:
-            model = shard(build("mlp"), meshes["1d"])
-            optimizer = cls(model.parameters(), **kwargs)
-            train(model, optimizer, x[part], y[part], 2)
-            dcp.save({"model": get_model_state_dict(model),
-                      "optim": get_optimizer_state_dict(model, optimizer)},
-                     checkpoint_id=checkpoint)
+        for kind in ("mlp", "block"):
+            for name, (cls, kwargs) in OPTIMIZERS.items():
+                if mesh_name == "hsdp" and kind == "block" and name != "adam_hd":
+                    continue
+                model = shard(build(kind), mesh)
+                x, y = data(kind)
+                optimizer = cls(model.parameters(), **kwargs)
+                counts = train(model, optimizer, x[part], y[part], STEPS)
+                results[f"{mesh_name}/{kind}/{name}"] = (
+                    [p.full_tensor().detach().clone() for p in model.parameters()],
+                    optimizer.adapted_lrs()[0], counts)
+
+    # the functional rules on DTensor parameters (two sharded tensors and a replicated one)
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    mesh = meshes["1d"]
+    start, loss = functional_problem()
+    placements = {"w1": [Shard(0)], "w2": [Shard(1)], "b": [Replicate()]}
+    for name in FUNCTIONAL:
+        rule = FUNCTIONAL[name]()
+        params = {k: distribute_tensor(v, mesh, placements[k]) for k, v in start.items()}
+        state = rule.init(params)
+        counts = []
+        for _ in range(STEPS):
+            full = {k: v.full_tensor() for k, v in params.items()}
+            grads = {k: distribute_tensor(g, mesh, placements[k])
+                     for k, g in torch.func.grad(loss)(full).items()}
+            with CommDebugMode() as comm:
+                updates, state = rule.update(grads, state, params)
+            counts.append(sum(comm.get_comm_counts().values()))
+            params = hdfunc.apply_updates(params, updates)
+        lr = hdfunc.get_lr(state)
+        results[f"functional/{name}"] = (
+            {k: v.full_tensor() for k, v in params.items()},
+            lr.full_tensor() if hasattr(lr, "full_tensor") else lr, counts)
+
+    # DCP: written on 2 ranks after 2 steps; continued there and, in the 4-rank run, loaded
+    # into a fresh sharded model and optimizer (resharded) and continued
+    cls, kwargs = OPTIMIZERS["adam_hd"]
+    part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    x, y = data("mlp")
+    if world == 2:
         model = shard(build("mlp"), meshes["1d"])
         optimizer = cls(model.parameters(), **kwargs)
-        state = {"model": get_model_state_dict(model),
-                 "optim": get_optimizer_state_dict(model, optimizer)}
-        dcp.load(state, checkpoint_id=checkpoint)
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optim"])
         train(model, optimizer, x[part], y[part], 2)
-        results["resumed"] = ([p.full_tensor().detach().clone() for p in model.parameters()],
-                              optimizer.adapted_lrs()[0],
-                              type(optimizer.param_groups[0]["hd_state"]).__name__)
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, Path(out_dir) / f"world{world}_rank{rank}.pt")
+        dcp.save({"model": get_model_state_dict(model),
+                  "optim": get_optimizer_state_dict(model, optimizer)},
+                 checkpoint_id=checkpoint)
+    model = shard(build("mlp"), meshes["1d"])
+    optimizer = cls(model.parameters(), **kwargs)
+    state = {"model": get_model_state_dict(model),
+             "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=checkpoint)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    train(model, optimizer, x[part], y[part], 2)
+    results["resumed"] = ([p.full_tensor().detach().clone() for p in model.parameters()],
+                          optimizer.adapted_lrs()[0],
+                          type(optimizer.param_groups[0]["hd_state"]).__name__)
+    return results
 
 
 @pytest.fixture(scope="module")

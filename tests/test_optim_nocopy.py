@@ -16,12 +16,11 @@ from typing import Callable
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.func import functional_call, grad
 
 from hdfunc.optim import SGDHD
-from helpers import free_port, init_gloo, spawn, tanh_regression
+from helpers import free_port, run_in_gloo_group, spawn, tanh_regression
 
 STEPS = 30
 LR, BETA, MU = 1e-2, 1e-2, 0.9
@@ -322,29 +321,29 @@ WORLD = 2
 
 
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    init_gloo(rank, port, WORLD)
+    run_in_gloo_group(rank, port, WORLD, _ddp_train, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _ddp_train(rank: int) -> dict:
     results = {}
-    try:
-        for nesterov in (False, True):
-            for set_to_none in (False, True):
-                model, x, y = problem()
-                ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-                optimizer = make(SGDHD, ddp, nesterov)
-                rows = slice(rank * 24, (rank + 1) * 24)
-                views = True
-                for _ in range(STEPS):
-                    optimizer.zero_grad(set_to_none=set_to_none)
-                    loss_of(ddp, x[rows], y[rows]).backward()
-                    if not set_to_none:  # the gradients are views of DDP's reused buckets
-                        views = views and all(p.grad._base is not None
-                                              for p in model.parameters())
-                    optimizer.step()
-                results[(nesterov, set_to_none)] = (
-                    [p.detach().clone() for p in model.parameters()],
-                    optimizer.adapted_lrs()[0], views)
-    finally:
-        dist.destroy_process_group()
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    for nesterov in (False, True):
+        for set_to_none in (False, True):
+            model, x, y = problem()
+            ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+            optimizer = make(SGDHD, ddp, nesterov)
+            rows = slice(rank * 24, (rank + 1) * 24)
+            views = True
+            for _ in range(STEPS):
+                optimizer.zero_grad(set_to_none=set_to_none)
+                loss_of(ddp, x[rows], y[rows]).backward()
+                if not set_to_none:  # the gradients are views of DDP's reused buckets
+                    views = views and all(p.grad._base is not None
+                                          for p in model.parameters())
+                optimizer.step()
+            results[(nesterov, set_to_none)] = (
+                [p.detach().clone() for p in model.parameters()],
+                optimizer.adapted_lrs()[0], views)
+    return results
 
 
 @pytest.mark.distributed
