@@ -127,6 +127,7 @@ def measure(mode: str, problem_name: str, optimizer: str, seeds: int, steps: int
         result["setup_and_first_step_s"] = round(min(setups), 4)
     if mode == "breakdown":
         result.update(breakdown(trainer, keys, steps, problem))
+        result.update(timed_split(trainer, keys))
     elapsed = min(times)  # the best repetition: the machine may be shared
     result["seconds"] = elapsed
     result["repeats"] = [round(t, 4) for t in times]
@@ -175,6 +176,69 @@ def breakdown(trainer, keys: tuple, steps: int, problem) -> dict:
 
     one, many = profiled(1), profiled(steps + 1)
     return {"breakdown_ms": {k: round((many[k] - one[k]) / steps * 1e3, 2) for k in BREAKDOWN}}
+
+
+SPLIT = ("gather", "loss and gradient", "rule update and apply", "products alone")
+
+
+def timed_split(trainer, keys: tuple, repeat: int = 20) -> dict:
+    """The batched step's parts timed without the profiler (best of ``repeat``, ms), on the
+    step's own first minibatch: the gather (``index_select`` of the S·B rows), the vmapped loss
+    and gradient (``vmap(grad_and_value(trainer.loss))``), and the rule's update with the params'
+    update as the step minus the gradient (both with cold caches after the gather, as in
+    training). "products alone": the forward and backward batched matrix products of a linear
+    model's first layer on the same shapes (logits and weight gradient), for the problems whose
+    first layer is a linear map of the inputs."""
+    import torch
+    from torch.func import grad_and_value, vmap
+
+    from hdfunc.studies.engine import minibatch_indices
+
+    runs, size = len(keys), trainer.config.batch_size
+    params, state = trainer.initial(keys)
+    flat = torch.cat([minibatch_indices(k.seed, 0, 1, trainer.problem.num_examples, size)[0]
+                      for k in keys]).to(trainer.device)
+    x_buffer = trainer.inputs.new_empty((flat.numel(),) + tuple(trainer.inputs.shape[1:]))
+    gather = lambda: torch.index_select(trainer.inputs, 0, flat, out=x_buffer)  # noqa: E731
+    x = gather().view(runs, size, *trainer.inputs.shape[1:])
+    y = trainer.targets[flat].view(runs, size, *trainer.targets.shape[1:])
+    gradient = vmap(grad_and_value(trainer.loss))
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+
+    def best(fn, *, after_gather: bool) -> float:
+        fn()
+        times = []
+        for _ in range(repeat):
+            if after_gather:
+                gather()
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return min(times) * 1e3
+
+    split = {SPLIT[0]: best(gather, after_gather=False),
+             SPLIT[1]: best(lambda: gradient(params, x, y), after_gather=True)}
+    split[SPLIT[2]] = best(lambda: trainer._step(params, state, x, y),
+                           after_gather=True) - split[SPLIT[1]]
+    weights = [v for v in params.values() if v.dim() == 3]
+    inputs = x.flatten(2)
+    if weights and weights[0].shape[-1] == inputs.shape[-1]:
+        weight = weights[0]
+        grad_out = inputs.new_ones(runs, weight.shape[1], size)
+        split[SPLIT[3]] = best(lambda: first_layer_products(weight, inputs, grad_out),
+                               after_gather=True)
+    return {"split_ms": {k: round(v, 2) for k, v in split.items()}}
+
+
+def first_layer_products(weight, inputs, grad_out):
+    """The two batched matrix products of a linear first layer over S runs: the logits without
+    the bias, x·Wᵀ (S × [B × in] × [in × out]), and the weight gradient for an output gradient
+    G (``grad_out``, S × out × B, i.e. Gᵀ), Gᵀ·x (S × [out × B] × [B × in])."""
+    import torch
+
+    return torch.bmm(inputs, weight.transpose(1, 2)), torch.bmm(grad_out, inputs)
 
 
 def run_child(*args: str) -> dict:
@@ -250,6 +314,15 @@ def main() -> None:
         print("|---|---|---:|" + "---:|" * len(BREAKDOWN))
         for r in profiled:
             cells = " | ".join(f"{r['breakdown_ms'][k]:.2f}" for k in BREAKDOWN)
+            print(f"| {r['problem']} | {r['optimizer']} | {r['seconds'] / r['steps'] * 1e3:.2f} | "
+                  f"{cells} |")
+        print("\nThe same step timed in parts without the profiler (best of 20, ms; the "
+              "profiler's per-operation times above inflate the small operations):\n")
+        print("| problem | optimizer | unprofiled step (ms) | " + " | ".join(SPLIT) + " |")
+        print("|---|---|---:|" + "---:|" * len(SPLIT))
+        for r in profiled:
+            cells = " | ".join(f"{r['split_ms'][k]:.2f}" if k in r["split_ms"] else "-"
+                               for k in SPLIT)
             print(f"| {r['problem']} | {r['optimizer']} | {r['seconds'] / r['steps'] * 1e3:.2f} | "
                   f"{cells} |")
 

@@ -13,6 +13,7 @@ torch.distributed.checkpoint and loaded back; a run on another number of ranks c
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import tempfile
 
@@ -39,13 +40,7 @@ def sharded_model(device: torch.device) -> torch.nn.Module:
     return model
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--checkpoint", default=os.path.join(tempfile.gettempdir(), "hd_fsdp2"))
-    args = parser.parse_args()
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+def train(args: argparse.Namespace) -> None:
     rank = dist.get_rank()
     device = torch.device(args.device, rank % torch.cuda.device_count()) \
         if args.device == "cuda" else torch.device("cpu")
@@ -74,7 +69,25 @@ def main() -> None:
             set_optimizer_state_dict(model, optimizer, state["optim"])
     if rank == 0:
         print(f"done: alpha {optimizer.adapted_lrs()[0].item():.4e}, the same on every rank")
-    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--checkpoint", default=os.path.join(tempfile.gettempdir(), "hd_fsdp2"))
+    args = parser.parse_args()
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    try:
+        # The model and optimizer live in train(), and the collection frees the reference cycles
+        # FSDP leaves, so they go while Python is fully alive. Left to the interpreter's exit,
+        # torch 2.13's gloo threads could still be releasing tensors then, and abort the process
+        # ("terminate called without an active exception").
+        train(args)
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
