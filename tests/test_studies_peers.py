@@ -167,10 +167,29 @@ def test_peer_comparisons_take_each_methods_own_best_and_worst():
     best = {r["setting"]: (r["lr0"], r["base_lr0"]) for r in rows}
     assert best["best"] == (min(hd, key=hd.get), min(sgd, key=sgd.get))
     assert best["worst"] == (max(hd, key=hd.get), max(sgd, key=sgd.get))
+    lines = [line.split() for line in stats.format_table(results.statistics).splitlines()
+             if line.startswith("adam_hd vs torch_sgd")]
+    # columns: pair (3 words), setting, HD lr0, HD beta, peer lr0, ...
+    assert [(w[3], float(w[4]), float(w[5]), float(w[6])) for w in lines] == [
+        ("best", *best["best"][:1], 1e-7, best["best"][1]),
+        ("worst", *best["worst"][:1], 1e-7, best["worst"][1])]
     spread = {r["optimizer"]: r for r in results.statistics["metrics"]["final_loss"]["sensitivity"]}
     assert spread["torch_sgd"]["settings"] == 3
     if math.isfinite(max(sgd.values())):
         assert spread["torch_sgd"]["spread"] == pytest.approx(max(sgd.values()) - min(sgd.values()))
+
+
+def test_one_setting_each_prints_one_row_both():
+    """With a grid of one setting on each side, the best and the worst are the same runs: the
+    table prints them once, as "both", with the HD rule's β."""
+    cfg = config(optimizers=["sgd_hd", "torch_adam"], lr0=[1e-2], seeds=[0, 1], beta=[3e-3])
+    results = run_study(cfg, progress=False)
+    rows = results.statistics["metrics"]["final_loss"]["peers"]
+    assert [r["setting"] for r in rows] == ["best", "worst"]  # the statistics keep both
+    lines = [line.split() for line in stats.format_table(results.statistics).splitlines()
+             if line.startswith("sgd_hd vs torch_adam")]
+    assert [(w[3], float(w[4]), float(w[5]), float(w[6])) for w in lines] == [
+        ("both", 1e-2, 3e-3, 1e-2)]
 
 
 # ----------------------------------------------------------------------------- the peers

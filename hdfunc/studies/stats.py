@@ -399,12 +399,25 @@ def format_table(statistics: dict, metric: str | None = None) -> str:
         better = "HD higher" if _higher_better(metric) else "HD lower"
         lines.append("")
         lines.append(f"{'HD vs peer (' + title + ')':<40} {'setting':>7} {'HD lr0':>8} "
-                     f"{'peer lr0':>8} " + _test_header(better))
+                     f"{'HD beta':>8} {'peer lr0':>8} " + _test_header(better))
+        # where a pair's best and worst settings are the same runs (a grid of one setting each),
+        # one row "both" instead of two equal rows
+        def runs_of(r: dict) -> tuple:
+            return r["hd"], r["base"], r["lr0"], r["beta"], r["base_lr0"]
+
+        worst = {runs_of(r) for r in peers if r["setting"] == "worst"}
+        best = {runs_of(r) for r in peers if r["setting"] == "best"}
         for r in peers:
-            lines.append(f"{r['hd'] + ' vs ' + r['base']:<40} {r['setting']:>7} {_grid(r['lr0']):>8} "
-                         f"{_grid(r['base_lr0']):>8} " + _test_columns(r))
-        lines.append("(each at its own best / worst setting of its grid; paired by seed; "
-                     "median Δ = HD - peer; one-sided p-values, alternative: HD better)")
+            setting = r["setting"]
+            if runs_of(r) in best & worst:
+                if setting == "worst":
+                    continue
+                setting = "both"
+            lines.append(f"{r['hd'] + ' vs ' + r['base']:<40} {setting:>7} {_grid(r['lr0']):>8} "
+                         f"{r['beta']:>8.0e} {_grid(r['base_lr0']):>8} " + _test_columns(r))
+        lines.append("(each at its own best / worst setting of its grid, \"both\" where they are the "
+                     "same; paired by seed; median Δ = HD - peer; one-sided p-values, "
+                     "alternative: HD better)")
     if spread and len({r["settings"] for r in spread} - {1}):
         lines.append("")
         lines.append(f"{'sensitivity (' + title + ')':<36} {'grid':>4} {'best at':>8} "
