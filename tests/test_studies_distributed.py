@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import free_port
 from hdfunc.studies import StudyConfig, run_study
 from hdfunc.studies.distributed import shard_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_shard_seeds_partitions_the_seeds():

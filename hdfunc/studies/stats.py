@@ -405,11 +405,11 @@ def format_table(statistics: dict, metric: str | None = None) -> str:
         def runs_of(r: dict) -> tuple:
             return r["hd"], r["base"], r["lr0"], r["beta"], r["base_lr0"]
 
-        worst = {runs_of(r) for r in peers if r["setting"] == "worst"}
-        best = {runs_of(r) for r in peers if r["setting"] == "best"}
+        same = ({runs_of(r) for r in peers if r["setting"] == "best"}
+                & {runs_of(r) for r in peers if r["setting"] == "worst"})
         for r in peers:
             setting = r["setting"]
-            if runs_of(r) in best & worst:
+            if runs_of(r) in same:
                 if setting == "worst":
                     continue
                 setting = "both"
